@@ -1,0 +1,40 @@
+"""Shared fixtures. Reference data lives in tests/data/ (copied from ../shared/reference) so the
+suite is self-contained; a missing file is a failure, never a skip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+def data_file(name: str) -> Path:
+    path = DATA / name
+    if not path.is_file():
+        pytest.fail(f"reference fixture {path} is missing (copy it from ../shared/reference/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def arpg_golden() -> dict:
+    return torch.load(data_file("tiny_arpg_golden.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def arpg_layout() -> dict:
+    return json.loads(data_file("arpg_state_dict_layout.json").read_text())
+
+
+@pytest.fixture()
+def golden_model(arpg_golden):
+    """The tiny reference model with the golden weights, in eval mode."""
+    from arpg.model import ARPG, ARPGConfig
+
+    fields = ARPGConfig.__dataclass_fields__
+    model = ARPG(ARPGConfig(**{k: v for k, v in arpg_golden["config"].items() if k in fields}))
+    model.load_state_dict(arpg_golden["state_dict"], strict=True)
+    return model.eval()
