@@ -1,0 +1,320 @@
+"""Metric maths against closed forms, the .npz readers, and the error paths of the Inception loader.
+
+The real Inception network is not run here (its weights are not shipped); `evaluate_npz` is
+exercised end to end with a small deterministic feature extractor instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from arpg.eval import (
+    INCEPTION_WEIGHTS_FILENAME,
+    EvalConfig,
+    InceptionFeatures,
+    NpzImages,
+    evaluate,
+    evaluate_npz,
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    load_reference_stats,
+    precision_recall,
+    summary_table,
+)
+
+
+def _pixel_extractor(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stand-in for Inception: the first 8 pixel values as features, a softmax over 4 of them as probs."""
+    features = images.reshape(len(images), -1)[:, :8].astype(np.float64)  # (B, 8)
+    logits = features[:, :4] / 64.0
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return features, probs / probs.sum(axis=1, keepdims=True)
+
+
+def _random_images(n: int, seed: int, size: int = 6) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def _random_covariance(rng: np.random.Generator, dim: int) -> np.ndarray:
+    factor = rng.normal(size=(dim, dim))
+    return factor @ factor.T + 0.1 * np.eye(dim)
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+def test_frechet_distance_of_identical_statistics_is_zero():
+    features = np.random.default_rng(0).normal(size=(500, 32))
+    mu, sigma = feature_statistics(features)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    s1, s2 = rng.uniform(0.1, 3.0, size=16), rng.uniform(0.1, 3.0, size=16)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_is_symmetric():
+    rng = np.random.default_rng(2)
+    a = (rng.normal(size=12), _random_covariance(rng, 12))
+    b = (rng.normal(size=12), _random_covariance(rng, 12))
+    forward, backward = frechet_distance(*a, *b), frechet_distance(*b, *a)
+    assert forward > 1.0
+    assert forward == pytest.approx(backward, rel=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # scipy's own notice of the singular product
+def test_frechet_distance_singular_covariances_warn_and_stay_finite():
+    # Rank-1 covariances x x^T and y y^T: sqrtm of their product is inf with scipy's Schur method,
+    # which triggers the eps guard. Exactly, tr sqrt(x x^T y y^T) = |x . y|.
+    x, y = np.array([0.0, -1.0, 2.0]), np.array([-1.0, -1.0, 1.0])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 0.0, 0.0])
+    with pytest.warns(RuntimeWarning, match="eps"):
+        distance = frechet_distance(mu1, np.outer(x, x), mu2, np.outer(y, y))
+    expected = 1.0 + x @ x + y @ y - 2 * abs(x @ y)
+    assert np.isfinite(distance)
+    assert distance == pytest.approx(expected, abs=1e-2)
+
+
+def test_frechet_distance_rejects_large_imaginary_part():
+    # diag(-1, 1) is not a covariance: sqrt of the product has an imaginary unit on the diagonal.
+    with pytest.raises(ValueError, match="imaginary"):
+        frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
+
+
+@pytest.mark.parametrize("bad, name", [("mu2", "mu2"), ("sigma1", "sigma1"), ("sigma2", "sigma2")])
+def test_frechet_distance_validates_shapes(bad, name):
+    args = {"mu1": np.zeros(4), "sigma1": np.eye(4), "mu2": np.zeros(4), "sigma2": np.eye(4)}
+    args[bad] = np.zeros(3) if bad.startswith("mu") else np.eye(3)
+    with pytest.raises(ValueError, match=name):
+        frechet_distance(**args)
+
+
+# ----------------------------------------------------------------------------- Inception Score
+
+def test_inception_score_of_uniform_predictions_is_one():
+    mean, std = inception_score(np.full((200, 10), 0.1))
+    assert mean == pytest.approx(1.0, abs=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_of_confident_uniformly_spread_predictions_is_class_count():
+    num_classes = 25
+    probs = np.eye(num_classes)[np.arange(10 * 4 * num_classes) % num_classes]  # every split sees each class 4x
+    mean, std = inception_score(probs, splits=10)
+    assert mean == pytest.approx(num_classes, rel=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-9)
+
+
+def test_inception_score_of_soft_predictions_is_exp_of_entropy_gap():
+    # Each row puts 0.9 on its class and spreads 0.1 evenly; classes are balanced, so
+    # p(y) is uniform and IS = exp(log C - H(row)).
+    num_classes, confident = 8, 0.9
+    row = np.full(num_classes, (1 - confident) / (num_classes - 1))
+    rows = np.stack([np.roll(row, c) for c in range(num_classes)])
+    rows[np.arange(num_classes), np.arange(num_classes)] = confident
+    probs = np.tile(rows, (10, 1))
+    entropy = -np.sum(rows[0] * np.log(rows[0]))
+    mean, _ = inception_score(probs, splits=5)
+    assert mean == pytest.approx(np.exp(np.log(num_classes) - entropy), rel=1e-12)
+
+
+def test_inception_score_validates_input():
+    with pytest.raises(ValueError, match="probs"):
+        inception_score(np.full((20, 4), 0.3))
+    with pytest.raises(ValueError, match="splits"):
+        inception_score(np.full((5, 4), 0.25), splits=6)
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+def test_precision_recall_of_a_set_against_itself_is_one():
+    real = np.random.default_rng(3).normal(size=(300, 16))
+    assert precision_recall(real, real, k=3, batch_size=64) == (1.0, 1.0)
+
+
+def test_precision_recall_against_far_shifted_copy_is_zero():
+    real = np.random.default_rng(4).normal(size=(300, 16))
+    assert precision_recall(real, real + 100.0, k=3, batch_size=64) == (0.0, 0.0)
+
+
+def test_precision_recall_half_covered_and_batch_independent():
+    # Fake = an exact copy of real plus as many far-away points: half the fakes are real-looking
+    # (precision 0.5) and every real point has its copy among the fakes (recall 1).
+    rng = np.random.default_rng(5)
+    real = rng.normal(size=(200, 8))
+    fake = np.concatenate([real, rng.normal(size=(200, 8)) + 50.0])
+    assert precision_recall(real, fake, k=5, batch_size=7) == (0.5, 1.0)
+    # Batching changes only memory, never the answer.
+    other = rng.normal(size=(250, 8)) * 1.3 + 0.4
+    assert precision_recall(real, other, batch_size=9) == precision_recall(real, other, batch_size=1000)
+
+
+def test_precision_recall_validates_input():
+    real = np.zeros((10, 4))
+    with pytest.raises(ValueError, match="k must be in"):
+        precision_recall(real, real, k=10)
+    with pytest.raises(ValueError, match="fake_features"):
+        precision_recall(real, np.zeros((10, 5)))
+
+
+# ----------------------------------------------------------------------------- .npz readers
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_images_stream_the_exact_array(tmp_path, compressed):
+    images = _random_images(23, seed=6)
+    path = tmp_path / "samples.npz"
+    (np.savez_compressed if compressed else np.savez)(path, arr_0=images, arr_1=np.arange(23))
+    reader = NpzImages(path)
+    batches = list(reader.batches(5))
+    assert len(reader) == 23
+    assert [len(batch) for batch in batches] == [5, 5, 5, 5, 3]
+    np.testing.assert_array_equal(np.concatenate(batches), images)
+
+
+def test_npz_images_rejects_non_image_arrays(tmp_path):
+    path = tmp_path / "floats.npz"
+    np.savez(path, arr_0=np.zeros((4, 6, 6, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        NpzImages(path)
+
+
+def test_extract_features_batches_match_one_call():
+    images = _random_images(37, seed=7)
+    features, probs = extract_features(_pixel_extractor, images, batch_size=10)
+    expected_features, expected_probs = _pixel_extractor(images)
+    np.testing.assert_array_equal(features, expected_features)
+    np.testing.assert_allclose(probs, expected_probs, rtol=1e-12)
+
+
+def test_reference_stats_round_trip(tmp_path):
+    rng = np.random.default_rng(8)
+    mu, sigma = rng.normal(size=6).astype(np.float32), _random_covariance(rng, 6)
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=mu, sigma=sigma, arr_0=_random_images(4, seed=8))
+    loaded_mu, loaded_sigma = load_reference_stats(path)
+    assert loaded_mu.dtype == loaded_sigma.dtype == np.float64
+    np.testing.assert_array_equal(loaded_mu, mu.astype(np.float64))
+    np.testing.assert_array_equal(loaded_sigma, sigma)
+
+
+def test_reference_stats_from_images_use_the_extractor(tmp_path):
+    images = _random_images(40, seed=9)
+    path = tmp_path / "ref_images.npz"
+    np.savez(path, arr_0=images)
+    mu, sigma = load_reference_stats(path, extractor=_pixel_extractor, batch_size=16)
+    expected_mu, expected_sigma = feature_statistics(_pixel_extractor(images)[0])
+    np.testing.assert_allclose(mu, expected_mu, rtol=1e-12)
+    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-12)
+    with pytest.raises(ValueError, match="extractor"):
+        load_reference_stats(path)
+
+
+def test_reference_stats_missing_file_names_it(tmp_path):
+    path = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    with pytest.raises(FileNotFoundError, match="VIRTUAL_imagenet256_labeled.npz"):
+        load_reference_stats(path)
+
+
+def test_reference_stats_without_stats_or_images_names_the_file(tmp_path):
+    path = tmp_path / "labels_only.npz"
+    np.savez(path, arr_1=np.arange(3))
+    with pytest.raises(ValueError, match=r"labels_only\.npz.*neither"):
+        load_reference_stats(path, extractor=_pixel_extractor)
+
+
+# ----------------------------------------------------------------------------- Inception loader
+
+def test_missing_inception_weights_name_the_needed_file(tmp_path):
+    given = tmp_path / "inception.pth"
+    with pytest.raises(FileNotFoundError) as error:
+        InceptionFeatures(given)
+    assert str(given) in str(error.value)
+    assert INCEPTION_WEIGHTS_FILENAME in str(error.value)
+
+
+def test_inception_weights_folder_and_default_location(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / INCEPTION_WEIGHTS_FILENAME)):
+        InceptionFeatures(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / ".cache" / "arpg" / INCEPTION_WEIGHTS_FILENAME)):
+        InceptionFeatures()
+
+
+def test_wrong_weights_file_is_rejected_before_loading(tmp_path):
+    path = tmp_path / INCEPTION_WEIGHTS_FILENAME
+    torch.save({"fc.weight": torch.zeros(10, 20)}, path)
+    with pytest.raises(ValueError, match="not the FID Inception-v3 state dict"):
+        InceptionFeatures(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch state dict"):
+        InceptionFeatures(path)
+
+
+def test_missing_torch_fidelity_says_how_to_install(tmp_path, monkeypatch):
+    path = tmp_path / INCEPTION_WEIGHTS_FILENAME
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, path)
+    # A None entry in sys.modules makes `import` raise ImportError, as if the package were absent.
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    with pytest.raises(ImportError, match=r"pip install 'arpg\[eval\]'"):
+        InceptionFeatures(path)
+
+
+def test_evaluate_config_reports_missing_weights(tmp_path):
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=_random_images(8, seed=10))
+    np.savez(ref, arr_0=_random_images(8, seed=11))
+    config = EvalConfig(sample_npz=str(samples), ref_npz=str(ref), weights_path=str(tmp_path / "w.pth"))
+    with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_FILENAME):
+        evaluate(config)
+
+
+# ----------------------------------------------------------------------------- evaluate_npz
+
+def test_evaluate_npz_samples_equal_to_reference(tmp_path, capsys):
+    images = _random_images(120, seed=12)
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=images)
+    np.savez(ref, arr_0=images)
+    results = evaluate_npz(samples, ref, extractor=_pixel_extractor, batch_size=32, splits=4)
+    assert results["num_samples"] == 120
+    assert abs(results["fid"]) < 1e-6
+    assert (results["precision"], results["recall"]) == (1.0, 1.0)
+    assert results["inception_score"] == pytest.approx(inception_score(_pixel_extractor(images)[1], 4)[0])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert [cell.strip() for cell in header.strip("|").split("|")] == [
+        "num_samples", "fid", "inception_score", "inception_score_std", "precision", "recall"]
+
+
+def test_evaluate_npz_uses_reference_statistics(tmp_path):
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    images = _random_images(60, seed=13)
+    np.savez(samples, arr_0=images)
+    rng = np.random.default_rng(14)
+    mu, sigma = rng.normal(size=8) * 50 + 128, _random_covariance(rng, 8) * 100
+    np.savez(ref, mu=mu, sigma=sigma)  # statistics only, as for a precomputed FID reference
+    with pytest.raises(ValueError, match=r"ref\.npz.*arr_0.*compute_precision_recall=False"):
+        evaluate_npz(samples, ref, extractor=_pixel_extractor)
+    results = evaluate_npz(samples, ref, extractor=_pixel_extractor, compute_precision_recall=False, splits=2)
+    expected = frechet_distance(*feature_statistics(_pixel_extractor(images)[0]), mu, sigma)
+    assert results["fid"] == pytest.approx(expected, rel=1e-12)
+    assert "precision" not in results
+
+
+def test_summary_table_rows_and_formatting():
+    table = summary_table([{"steps": 64, "fid": 1.23456}, {"steps": 32, "fid": 2.0, "recall": 0.5}])
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == ["steps", "fid", "recall"]
+    assert [cell.strip() for cell in lines[2].strip("|").split("|")] == ["64", "1.2346", ""]
+    assert [cell.strip() for cell in lines[3].strip("|").split("|")] == ["32", "2.0000", "0.5000"]
+    assert summary_table({"fid": 3.0}).splitlines()[2].strip("| ") == "3.0000"
