@@ -1,0 +1,541 @@
+"""Token data sets: on-disk shards, the bundled digits set, and image -> token extraction.
+
+On-disk format (one folder, written by `ShardWriter`):
+
+* `shard_00000_tokens.npy`: uint16 (n, augmentations, h*w), token grids in raster order,
+* `shard_00000_labels.npy`: int64 (n,), class ids,
+* `manifest.json`: grid size, codebook size, tokenizer identity, augmentations, class count,
+  total count and the list of shards with their counts. It is (re)written after every shard,
+  with `"complete": true` only once the whole data set is there.
+
+Every file is put in place by an atomic rename, so an interrupted extraction leaves only whole
+shards behind; rerunning it skips them and writes the rest. `TokenDataset` memory-maps the
+shards and draws one augmentation per sample per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from arpg.checkpoint import atomic_write
+from arpg.tokenizer import PixelTokenizer, Tokenizer, VQTokenizer
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+_FORMAT = "arpg-token-shards"
+_VERSION = 1
+# The published ImageNet codes were made with VQ-16 loaded from this file (identity string as
+# VQTokenizer.from_checkpoint("vq_ds16_c2i.pt").identity gives it).
+PUBLISHED_VQ16_IDENTITY = "vq16[vq_ds16_c2i.pt]"
+
+
+def _shard_names(index: int) -> tuple[str, str]:
+    return f"shard_{index:05d}_tokens.npy", f"shard_{index:05d}_labels.npy"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    # np.save would append ".npy" to the temporary name, so hand it an open file instead.
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {root} is not a token data set "
+                                f"(make one with scripts/extract_codes.py or convert_npy_folder)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not an {_FORMAT} manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+class ShardWriter:
+    """Writes token shards and the manifest into `root`, resuming an interrupted run.
+
+    Shards are addressed by index so a rerun can skip finished ones (`has_shard`) and rewrite
+    only the rest. The header (grid size, codebook size, tokenizer, augmentations, classes and
+    whatever identifies the source, `source`) must equal the one already on disk, otherwise
+    mixing two data sets in one folder is refused.
+    """
+
+    def __init__(self, root: str | Path, *, grid_size: tuple[int, int], codebook_size: int,
+                 tokenizer: str, augmentations: int, num_classes: int,
+                 class_names: Sequence[str] | None = None, source: dict[str, Any] | None = None):
+        if not 1 <= codebook_size <= 65536:
+            raise ValueError(f"codebook_size must be in [1, 65536] to fit uint16 shards, got {codebook_size}")
+        if augmentations < 1 or num_classes < 1:
+            raise ValueError(f"augmentations and num_classes must be >= 1, got {augmentations}, {num_classes}")
+        self.root = Path(root)
+        self.header = {
+            "format": _FORMAT, "version": _VERSION,
+            "grid_size": [int(grid_size[0]), int(grid_size[1])], "codebook_size": int(codebook_size),
+            "tokenizer": tokenizer, "augmentations": int(augmentations), "num_classes": int(num_classes),
+            "class_names": list(class_names) if class_names is not None else None,
+            "source": source or {},
+        }
+        self.shards: dict[int, dict] = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+        # A process killed inside atomic_write leaves its hidden temporary file behind.
+        for stale in [*self.root.glob(".shard_*.tmp"), *self.root.glob(f".{MANIFEST_NAME}.*.tmp")]:
+            stale.unlink()
+        if (self.root / MANIFEST_NAME).is_file():
+            self._resume(_read_manifest(self.root))
+
+    def _resume(self, manifest: dict) -> None:
+        for key, value in self.header.items():
+            if manifest.get(key) != value:
+                raise ValueError(f"{self.root} already holds a data set with {key}={manifest.get(key)!r}, "
+                                 f"this run has {key}={value!r}; use another output folder or delete it")
+        # A shard is listed only after both its files were renamed into place, so it is whole.
+        self.shards = {s["index"]: s for s in manifest["shards"]
+                       if all((self.root / s[k]).is_file() for k in ("tokens", "labels"))}
+
+    def has_shard(self, index: int) -> bool:
+        return index in self.shards
+
+    @property
+    def count(self) -> int:
+        return sum(s["count"] for s in self.shards.values())
+
+    def write_shard(self, index: int, tokens: np.ndarray, labels: np.ndarray,
+                    skipped: Sequence[str] = ()) -> None:
+        """Write shard `index`: tokens (n, augmentations, h*w) ints, labels (n,) ints.
+
+        `skipped` lists inputs of this shard that could not be read; they are recorded so the
+        final summary counts them even across restarts.
+        """
+        h, w = self.header["grid_size"]
+        expected = (self.header["augmentations"], h * w)
+        if tokens.ndim != 3 or tokens.shape[1:] != expected:
+            raise ValueError(f"tokens must have shape (n, {expected[0]}, {expected[1]}), got {tokens.shape}")
+        if labels.shape != (tokens.shape[0],):
+            raise ValueError(f"labels must have shape ({tokens.shape[0]},), got {labels.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.header["codebook_size"]):
+            raise ValueError(f"token ids must be in [0, {self.header['codebook_size'] - 1}], "
+                             f"got [{tokens.min()}, {tokens.max()}]")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.header["num_classes"]):
+            raise ValueError(f"labels must be in [0, {self.header['num_classes'] - 1}], "
+                             f"got [{labels.min()}, {labels.max()}]")
+        tokens_name, labels_name = _shard_names(index)
+        _save_npy(self.root / tokens_name, tokens.astype(np.uint16))
+        _save_npy(self.root / labels_name, labels.astype(np.int64))
+        self.shards[index] = {"index": index, "tokens": tokens_name, "labels": labels_name,
+                              "count": int(tokens.shape[0]), "skipped": list(skipped)}
+        self._write_manifest(complete=False)
+
+    def finish(self) -> dict:
+        """Mark the data set complete (shards must be 0..k-1 with none missing); return the manifest."""
+        missing = sorted(set(range(len(self.shards))) ^ set(self.shards))
+        if missing:
+            raise ValueError(f"cannot finish {self.root}: shard indices must be 0..{len(self.shards) - 1}, "
+                             f"these are missing or extra: {missing[:10]}")
+        return self._write_manifest(complete=True)
+
+    def _write_manifest(self, complete: bool) -> dict:
+        shards = [self.shards[i] for i in sorted(self.shards)]
+        manifest = {**self.header, "complete": complete, "count": sum(s["count"] for s in shards),
+                    "shards": shards}
+        text = json.dumps(manifest, indent=1)
+        atomic_write(self.root / MANIFEST_NAME, lambda tmp: tmp.write_text(text))
+        return manifest
+
+
+class TokenDataset(Dataset):
+    """Pre-tokenised images from a shard folder: item i -> (tokens LongTensor (h*w,), label int).
+
+    Each sample stores several augmentations (crops / flips); one is picked per sample per epoch,
+    deterministically from (seed, epoch). Call `set_epoch(epoch)` before building each epoch's
+    DataLoader iterator (workers copy the dataset when the iterator starts, so persistent workers
+    would keep the previous epoch's choice).
+    """
+
+    def __init__(self, root: str | Path, seed: int = 0):
+        self.root = Path(root)
+        self.manifest = _read_manifest(self.root)
+        if not self.manifest["complete"]:
+            raise ValueError(f"{self.root} is incomplete ({self.manifest['count']} samples so far): the "
+                             f"extraction was interrupted; rerun it with the same output folder to finish")
+        self.shards = self.manifest["shards"]
+        for shard in self.shards:
+            for key in ("tokens", "labels"):
+                if not (self.root / shard[key]).is_file():
+                    raise FileNotFoundError(f"{self.root / shard[key]} listed in the manifest is missing")
+        self._ends = np.cumsum([s["count"] for s in self.shards])  # exclusive end index of each shard
+        self.seed = seed
+        self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.set_epoch(0)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.manifest["grid_size"])
+
+    @property
+    def codebook_size(self) -> int:
+        return self.manifest["codebook_size"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+    @property
+    def augmentations(self) -> int:
+        return self.manifest["augmentations"]
+
+    @property
+    def tokenizer(self) -> str:
+        return self.manifest["tokenizer"]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        self._choice = rng.integers(0, self.augmentations, size=len(self), dtype=np.int32)
+
+    def __len__(self) -> int:
+        return self.manifest["count"]
+
+    def _open(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        # Opened lazily so that DataLoader workers map the files themselves instead of
+        # receiving pickled copies of them.
+        if self._arrays is None:
+            self._arrays = [(np.load(self.root / s["tokens"], mmap_mode="r"),
+                             np.load(self.root / s["labels"], mmap_mode="r")) for s in self.shards]
+        return self._arrays
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index must be in [0, {len(self) - 1}], got {index}")
+        shard = int(np.searchsorted(self._ends, index, side="right"))
+        offset = index - (int(self._ends[shard - 1]) if shard else 0)
+        tokens, labels = self._open()[shard]
+        row = tokens[offset, self._choice[index]].astype(np.int64)
+        return torch.from_numpy(row), int(labels[offset])
+
+
+class InMemoryTokenDataset(Dataset):
+    """Token sequences held in memory, with the same interface as `TokenDataset`."""
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, grid_size: tuple[int, int],
+                 codebook_size: int, num_classes: int):
+        if tokens.shape != (labels.shape[0], grid_size[0] * grid_size[1]):
+            raise ValueError(f"tokens must have shape ({labels.shape[0]}, {grid_size[0] * grid_size[1]}), "
+                             f"got {tuple(tokens.shape)}")
+        self.tokens = tokens.long()
+        self.labels = labels.long()
+        self.grid_size = tuple(grid_size)
+        self.codebook_size = codebook_size
+        self.num_classes = num_classes
+
+    def set_epoch(self, epoch: int) -> None:
+        """No augmentations to choose from; kept for interface parity with TokenDataset."""
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.tokens[index], int(self.labels[index])
+
+
+DIGITS_SPLITS = (None, "train", "test")
+
+
+def digits_dataset(split: str | None = None) -> InMemoryTokenDataset:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as tokens; nothing is downloaded.
+
+    Each pixel is one token: its grey level 0..16 exactly as sklearn stores it (the
+    `PixelTokenizer.digits()` encoding), in raster order, so items are (64,) LongTensors.
+    `split`: None for all images, "train" or "test" for a fixed 80/20 split (every fifth image is
+    a test image, which keeps the classes balanced).
+    """
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    tokens = torch.from_numpy(digits.images.reshape(-1, 64).astype(np.int64))  # (1797, 64)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    if split is not None:
+        is_test = torch.arange(len(labels)) % 5 == 4
+        keep = is_test if split == "test" else ~is_test
+        tokens, labels = tokens[keep], labels[keep]
+    return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10)
+
+
+# --------------------------------------------------------------------------------------------
+# The published per-image .npy layout (ARPG / RandAR)
+
+
+def list_npy_folder(src: str | Path) -> list[tuple[Path, int]]:
+    """(file, label) for the published layout: `src/<class id>/<image>.npy`, sorted.
+
+    Each file holds one image's codes as (1, augmentations, h*w) integers.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"token folder {src} not found")
+    class_dirs = [d for d in src.iterdir() if d.is_dir()]
+    not_ids = [d.name for d in class_dirs if not d.name.isdigit()]
+    if not_ids:
+        raise ValueError(f"{src}: class folders must be named by their integer class id, got {not_ids[:5]}")
+    files = [(f, int(d.name)) for d in sorted(class_dirs, key=lambda d: int(d.name))
+             for f in sorted(d.glob("*.npy"))]
+    if not files:
+        raise ValueError(f"{src} holds no <class id>/<image>.npy files")
+    return files
+
+
+def read_npy_codes(path: str | Path) -> np.ndarray:
+    """One image's codes from the published layout as (augmentations, h*w)."""
+    codes = np.load(path)
+    if codes.ndim == 3 and codes.shape[0] == 1:
+        codes = codes[0]
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{path}: expected integer codes of shape (1, augmentations, h*w), "
+                         f"got {codes.dtype} {codes.shape}")
+    return codes
+
+
+def convert_npy_folder(src: str | Path, dst: str | Path, *, codebook_size: int = 16384,
+                       grid_size: tuple[int, int] | None = None, num_classes: int | None = None,
+                       tokenizer: str = PUBLISHED_VQ16_IDENTITY, shard_size: int = 10000) -> dict:
+    """Convert the published per-image layout (`list_npy_folder`) into our shards at `dst`.
+
+    `grid_size` defaults to the square grid of the stored length, `num_classes` to the largest
+    class id + 1. Resumable like `extract_codes`. Returns the manifest.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    files = list_npy_folder(src)
+    augmentations, length = read_npy_codes(files[0][0]).shape
+    if grid_size is None:
+        side = math.isqrt(length)
+        if side * side != length:
+            raise ValueError(f"{files[0][0]} holds {length} tokens per image, not a square grid; pass grid_size")
+        grid_size = (side, side)
+    writer = ShardWriter(dst, grid_size=grid_size, codebook_size=codebook_size, tokenizer=tokenizer,
+                         augmentations=augmentations,
+                         num_classes=num_classes or max(label for _, label in files) + 1,
+                         source={"npy_folder": str(Path(src).resolve()), "files": len(files),
+                                 "shard_size": shard_size})
+    num_shards = math.ceil(len(files) / shard_size)
+    with tqdm(total=len(files), desc="convert", unit="img") as progress:
+        for index in range(num_shards):
+            chunk = files[index * shard_size:(index + 1) * shard_size]
+            if writer.has_shard(index):
+                progress.update(len(chunk))
+                continue
+            codes = []
+            for path, _ in chunk:
+                item = read_npy_codes(path)
+                if item.shape != (augmentations, length):
+                    raise ValueError(f"{path}: codes have shape {item.shape}, the first file has "
+                                     f"{(augmentations, length)}")
+                codes.append(item)
+                progress.update(1)
+            writer.write_shard(index, np.stack(codes), np.array([label for _, label in chunk]))
+    manifest = writer.finish()
+    print(f"converted {manifest['count']} images into {len(manifest['shards'])} shards at {dst}")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Image folder -> tokens
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+AUGMENT_CHOICES = ("none", "flip", "ten_crop")
+TOKENIZER_CHOICES = ("vq16", "pixel")
+
+
+@dataclass
+class ExtractConfig:
+    """Tokenise an ImageFolder-style tree (`data_path/<class name>/<image>`) into shards.
+
+    Class ids follow the sorted class-folder names. `augment`: "none" (1 view, the ADM centre
+    crop), "flip" (2 views: the crop and its mirror; LlamaGen's default) or "ten_crop" (10 views:
+    TenCrop(image_size) of an ADM centre crop of size image_size * crop_range, which already holds
+    5 mirrored crops; LlamaGen's --ten-crop).
+    """
+
+    data_path: str = "???"
+    output_dir: str = "???"
+    tokenizer: str = "vq16"  # "vq16" (needs vq_ckpt) or "pixel" (grey levels; small data and tests)
+    vq_ckpt: str = ""  # path to LlamaGen's vq_ds16_c2i.pt (or our VQ safetensors)
+    pixel_levels: int = 256
+    image_size: int = 256
+    augment: str = "flip"
+    crop_range: float = 1.1
+    batch_size: int = 128  # views per encode call (bounds GPU memory; an image's views stay together)
+    num_workers: int = 4
+    shard_size: int = 10000  # images per shard: the unit of resumption
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop: halve with BOX while the short side is >= 2*size, BICUBIC-resize the
+    short side to `size`, then crop the centre size x size."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _views(image: Image.Image, config: ExtractConfig) -> list[Image.Image]:
+    if config.augment == "ten_crop":
+        from torchvision.transforms.functional import ten_crop
+
+        return list(ten_crop(center_crop(image, int(config.image_size * config.crop_range)), config.image_size))
+    crop = center_crop(image, config.image_size)
+    return [crop, crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] if config.augment == "flip" else [crop]
+
+
+def _num_views(augment: str) -> int:
+    return {"none": 1, "flip": 2, "ten_crop": 10}[augment]
+
+
+class _ImageViews(Dataset):
+    """(views (A, 3, S, S) uint8 or None if unreadable, label, path, error message or None)."""
+
+    def __init__(self, files: list[tuple[Path, int]], config: ExtractConfig):
+        self.files = files
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        path, label = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")  # forces the full decode, so damage shows up here
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return None, label, str(path), f"{type(err).__name__}: {err}"
+        # uint8 until it reaches the device: a quarter of the bytes through worker queues and PCIe.
+        pixels = np.stack([np.asarray(v, dtype=np.uint8) for v in _views(image, self.config)])  # (A, S, S, 3)
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2), label, str(path), None
+
+
+def _collate(items: list) -> list:
+    return items  # variable content (None for unreadable files); batched by hand in extract_codes
+
+
+def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"data_path {root} not found (expected <data_path>/<class>/<image>)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"data_path {root} has no class subfolders (expected <data_path>/<class>/<image>)")
+    files = [(f, label) for label, name in enumerate(classes) for f in sorted((root / name).rglob("*"))
+             if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise ValueError(f"data_path {root} holds no images with extensions {IMAGE_EXTENSIONS}")
+    return classes, files
+
+
+def _build_tokenizer(config: ExtractConfig) -> Tokenizer:
+    if config.tokenizer == "pixel":
+        return PixelTokenizer(config.pixel_levels)
+    if not config.vq_ckpt:
+        raise ValueError("vq_ckpt must be set for tokenizer=vq16: download vq_ds16_c2i.pt from the LlamaGen "
+                         "release (huggingface.co/FoundationVision/LlamaGen) and pass vq_ckpt=/path/to/it")
+    return VQTokenizer.from_checkpoint(config.vq_ckpt)
+
+
+def _validate(config: ExtractConfig) -> None:
+    for name in ("data_path", "output_dir"):
+        if getattr(config, name) in ("", "???"):
+            raise ValueError(f"{name} must be set, got {getattr(config, name)!r}")
+    if config.tokenizer not in TOKENIZER_CHOICES:
+        raise ValueError(f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")
+    if config.augment not in AUGMENT_CHOICES:
+        raise ValueError(f"augment must be one of {AUGMENT_CHOICES}, got {config.augment!r}")
+    for name in ("image_size", "batch_size", "shard_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {config.num_workers}")
+    if config.augment == "ten_crop" and config.crop_range < 1:
+        raise ValueError(f"crop_range must be >= 1, got {config.crop_range}")
+
+
+def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> dict:
+    """Tokenise `config.data_path` into shards at `config.output_dir`; return the manifest.
+
+    `tokenizer` overrides the one `config` names (useful from Python and in tests). Unreadable
+    images are logged by path and skipped. Interrupted runs resume: shards already written are
+    kept, the rest are redone, so no image is stored twice.
+    """
+    _validate(config)
+    tokenizer = tokenizer or _build_tokenizer(config)
+    if config.image_size % tokenizer.downsample:
+        raise ValueError(f"image_size must be a multiple of the tokenizer's downsample "
+                         f"{tokenizer.downsample}, got {config.image_size}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                          else config.device)
+    tokenizer = tokenizer.to(device).eval()
+    classes, files = _list_image_folder(Path(config.data_path))
+    side = config.image_size // tokenizer.downsample
+    views = _num_views(config.augment)
+    writer = ShardWriter(
+        config.output_dir, grid_size=(side, side), codebook_size=tokenizer.codebook_size,
+        tokenizer=tokenizer.identity, augmentations=views, num_classes=len(classes), class_names=classes,
+        # Shards are fixed slices of the sorted file list; these make a resumed run slice the same way.
+        source={"data_path": str(Path(config.data_path).resolve()), "files": len(files),
+                "shard_size": config.shard_size, "image_size": config.image_size, "augment": config.augment,
+                "crop_range": config.crop_range})
+
+    num_shards = math.ceil(len(files) / config.shard_size)
+    with tqdm(total=len(files), desc="extract", unit="img") as progress:
+        for index in range(num_shards):
+            chunk = files[index * config.shard_size:(index + 1) * config.shard_size]
+            if not writer.has_shard(index):
+                _extract_shard(index, chunk, config, tokenizer, device, writer, progress)
+            else:
+                progress.update(len(chunk))
+    manifest = writer.finish()
+    skipped = sum(len(s["skipped"]) for s in manifest["shards"])
+    print(f"extracted {manifest['count']} images ({views} views each) into {len(manifest['shards'])} shards "
+          f"at {config.output_dir}; skipped {skipped} unreadable")
+    return manifest
+
+
+def _extract_shard(index: int, chunk: list[tuple[Path, int]], config: ExtractConfig, tokenizer: Tokenizer,
+                   device: torch.device, writer: ShardWriter, progress: tqdm) -> None:
+    images_per_batch = max(1, config.batch_size // _num_views(config.augment))
+    loader = DataLoader(_ImageViews(chunk, config), batch_size=images_per_batch, num_workers=config.num_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    tokens, labels, skipped = [], [], []
+    for batch in loader:
+        good = [item for item in batch if item[0] is not None]
+        for _, _, path, error in batch:
+            if error is not None:
+                log.warning("skipping unreadable image %s (%s)", path, error)
+                skipped.append(path)
+        if good:
+            views = torch.stack([item[0] for item in good]).to(device, non_blocking=True)  # (b, A, 3, S, S) uint8
+            codes = tokenizer.encode(views.flatten(0, 1).float() / 127.5 - 1)  # (b*A, h, w)
+            tokens.append(codes.reshape(len(good), views.shape[1], -1).cpu().numpy())  # (b, A, h*w)
+            labels.extend(item[1] for item in good)
+        progress.update(len(batch))
+    side = config.image_size // tokenizer.downsample
+    stacked = np.concatenate(tokens) if tokens else np.zeros((0, _num_views(config.augment), side * side))
+    writer.write_shard(index, stacked, np.array(labels, dtype=np.int64), skipped)

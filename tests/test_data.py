@@ -1,0 +1,296 @@
+"""Token shards, the digits set, the published .npy layout converter and image extraction."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import arpg.data as data
+from arpg.data import (ExtractConfig, ShardWriter, TokenDataset, convert_npy_folder, digits_dataset,
+                       extract_codes)
+from arpg.tokenizer import PixelTokenizer, VQConfig, VQTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- digits ------------------------------------------------------------------------------------
+
+def test_digits_dataset():
+    full = digits_dataset()
+    assert len(full) == 1797
+    assert full.grid_size == (8, 8) and full.codebook_size == 17 and full.num_classes == 10
+    tokens, label = full[0]
+    assert tokens.shape == (64,) and tokens.dtype == torch.int64 and isinstance(label, int)
+    assert full.tokens.min() == 0 and full.tokens.max() == 16
+    assert sorted(set(full.labels.tolist())) == list(range(10))
+    # The tokens are sklearn's grey levels, i.e. the PixelTokenizer.digits() encoding.
+    from sklearn.datasets import load_digits
+    assert torch.equal(tokens, torch.from_numpy(load_digits().images[0].reshape(64).astype(np.int64)))
+    pixel = PixelTokenizer.digits()
+    grids = full.tokens[:50].reshape(50, 8, 8)
+    assert torch.equal(pixel.encode(pixel.decode(grids)), grids)
+
+    train, test = digits_dataset("train"), digits_dataset("test")
+    assert len(train) + len(test) == 1797 and len(test) == 359
+    assert sorted(set(test.labels.tolist())) == list(range(10))
+    with pytest.raises(ValueError, match="split must be one of"):
+        digits_dataset("val")
+
+
+# ---- shards ------------------------------------------------------------------------------------
+
+def _writer(root, **overrides) -> ShardWriter:
+    args = dict(grid_size=(2, 3), codebook_size=50, tokenizer="test", augmentations=4, num_classes=5)
+    return ShardWriter(root, **{**args, **overrides})
+
+
+def test_shards_round_trip_and_augmentation_choice(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, size=(11, 4, 6))
+    labels = rng.integers(0, 5, size=11)
+    writer = _writer(tmp_path)
+    writer.write_shard(0, tokens[:7], labels[:7])
+    writer.write_shard(1, tokens[7:], labels[7:])
+    writer.finish()
+
+    ds = TokenDataset(tmp_path, seed=3)
+    assert len(ds) == 11 and ds.grid_size == (2, 3) and ds.codebook_size == 50 and ds.num_classes == 5
+    assert ds.augmentations == 4 and ds.tokenizer == "test"
+    picks = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        epoch_picks = []
+        for i in range(len(ds)):
+            item, label = ds[i]
+            assert item.dtype == torch.int64 and item.shape == (6,) and label == labels[i]
+            matches = [a for a in range(4) if np.array_equal(item.numpy(), tokens[i, a])]
+            assert matches, f"sample {i} is none of its augmentations"
+            epoch_picks.append(matches[0])
+        picks.append(epoch_picks)
+    assert picks[0] != picks[1]  # a new choice each epoch ...
+    ds.set_epoch(0)
+    assert [ds[i][0].tolist() for i in range(11)] == [tokens[i, picks[0][i]].tolist() for i in range(11)]  # ... reproducibly
+    with pytest.raises(IndexError):
+        ds[11]
+
+
+def test_shard_writer_refuses_mixing_and_incomplete_reads(tmp_path):
+    writer = _writer(tmp_path)
+    writer.write_shard(0, np.zeros((2, 4, 6), dtype=np.int64), np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="incomplete"):
+        TokenDataset(tmp_path)
+    with pytest.raises(ValueError, match="codebook_size=50"):
+        _writer(tmp_path, codebook_size=60)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 49\]"):
+        writer.write_shard(1, np.full((1, 4, 6), 50), np.zeros(1, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"tokens must have shape \(n, 4, 6\)"):
+        writer.write_shard(1, np.zeros((1, 3, 6)), np.zeros(1, dtype=np.int64))
+    resumed = _writer(tmp_path)
+    assert resumed.has_shard(0) and not resumed.has_shard(1) and resumed.count == 2
+
+
+# ---- the published per-image .npy layout -------------------------------------------------------
+
+def test_convert_npy_folder_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    src, expected = tmp_path / "codes", []
+    for label in (0, 3, 7):
+        (src / str(label)).mkdir(parents=True)
+        for i in range(4):
+            codes = rng.integers(0, 16384, size=(1, 2, 16))
+            np.save(src / str(label) / f"{i}.npy", codes)
+            expected.append((codes[0], label))
+
+    manifest = convert_npy_folder(src, tmp_path / "shards", shard_size=5)
+    assert manifest["count"] == 12 and len(manifest["shards"]) == 3 and manifest["num_classes"] == 8
+    ds = TokenDataset(tmp_path / "shards")
+    assert ds.grid_size == (4, 4) and ds.augmentations == 2 and ds.codebook_size == 16384
+    stored = np.concatenate([np.load(tmp_path / "shards" / s["tokens"]) for s in manifest["shards"]])
+    assert stored.dtype == np.uint16
+    assert np.array_equal(stored, np.stack([codes for codes, _ in expected]))
+    for i, (codes, label) in enumerate(expected):
+        item, got_label = ds[i]
+        assert got_label == label
+        assert any(np.array_equal(item.numpy(), codes[a]) for a in range(2))
+
+
+def test_convert_npy_folder_errors(tmp_path):
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(ValueError, match="integer class id"):
+        convert_npy_folder(tmp_path, tmp_path / "out")
+    (tmp_path / "cats").rmdir()
+    (tmp_path / "0").mkdir()
+    np.save(tmp_path / "0" / "a.npy", np.zeros((1, 2, 16), dtype=np.int64))
+    np.save(tmp_path / "0" / "b.npy", np.zeros((1, 1, 16), dtype=np.int64))
+    with pytest.raises(ValueError, match="b.npy"):
+        convert_npy_folder(tmp_path, tmp_path / "out")
+
+
+# ---- extraction --------------------------------------------------------------------------------
+
+SIZES = [(12, 9), (9, 12), (20, 20), (31, 17), (8, 8), (40, 25)]
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """3 classes x 12 RGB PNGs of several sizes, plus one corrupt .png in class 'b'."""
+    rng = np.random.default_rng(2)
+    root = tmp_path / "images"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            w, h = SIZES[i % len(SIZES)]
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name / f"{i:02d}.png")
+    (root / "b" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    return root
+
+
+def _config(root: Path, out: Path, **overrides) -> ExtractConfig:
+    return ExtractConfig(**{**dict(data_path=str(root), output_dir=str(out), tokenizer="pixel", image_size=8,
+                                   augment="flip", batch_size=4, num_workers=0, shard_size=7, device="cpu"),
+                            **overrides})
+
+
+def test_extract_codes_writes_readable_shards(image_tree, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="arpg.data"):
+        manifest = extract_codes(_config(image_tree, tmp_path / "out"))
+    assert "zz_corrupt.png" in caplog.text
+    assert manifest["count"] == 36 and len(manifest["shards"]) == 6  # 37 files in slices of 7
+    assert [s["skipped"] for s in manifest["shards"] if s["skipped"]] == [[str(image_tree / "b" / "zz_corrupt.png")]]
+
+    ds = TokenDataset(tmp_path / "out")
+    assert ds.grid_size == (8, 8) and ds.codebook_size == 256 and ds.num_classes == 3
+    assert ds.augmentations == 2 and ds.tokenizer == "pixel256"
+    assert [ds[i][1] for i in range(len(ds))] == [0] * 12 + [1] * 12 + [2] * 12
+    tokens = np.concatenate([np.load(tmp_path / "out" / s["tokens"]) for s in manifest["shards"]])
+    # view 1 is the mirror image of view 0
+    assert np.array_equal(tokens[:, 1].reshape(-1, 8, 8), tokens[:, 0].reshape(-1, 8, 8)[:, :, ::-1])
+    # the 8x8 source image is taken as it is (the centre crop of an image of the target size is itself)
+    grey = np.asarray(Image.open(image_tree / "a" / "04.png").convert("RGB"), dtype=np.float64) @ [0.299, 0.587, 0.114]
+    assert np.abs(tokens[4, 0].reshape(8, 8).astype(np.float64) - grey).max() <= 1
+
+
+def test_extract_codes_resumes_without_duplicates(image_tree, tmp_path, monkeypatch):
+    reference = extract_codes(_config(image_tree, tmp_path / "reference"))
+
+    written: list[int] = []
+    original = ShardWriter.write_shard
+
+    def crash_after_two(self, index, *args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        written.append(index)
+        return original(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "write_shard", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        extract_codes(_config(image_tree, tmp_path / "out"))
+    assert written == [0, 1]
+    with pytest.raises(ValueError, match="incomplete"):
+        TokenDataset(tmp_path / "out")
+
+    stale = tmp_path / "out" / ".shard_00002_tokens.npy.abc123.tmp"  # what a SIGKILL mid-write leaves
+    stale.write_bytes(b"partial")
+    resumed: list[int] = []
+
+    def record(self, index, *args, **kwargs):
+        resumed.append(index)
+        return original(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "write_shard", record)
+    manifest = extract_codes(_config(image_tree, tmp_path / "out"))
+    assert resumed == [2, 3, 4, 5]  # finished shards were kept, not redone
+    assert not stale.exists()
+    assert manifest["count"] == reference["count"] == 36
+    for name in ("tokens", "labels"):
+        got = np.concatenate([np.load(tmp_path / "out" / s[name]) for s in manifest["shards"]])
+        want = np.concatenate([np.load(tmp_path / "reference" / s[name]) for s in reference["shards"]])
+        assert np.array_equal(got, want)
+    assert sum(len(s["skipped"]) for s in manifest["shards"]) == 1
+    # a resumed run with different settings would mix data sets: refused
+    with pytest.raises(ValueError, match="augmentations"):
+        extract_codes(_config(image_tree, tmp_path / "out", augment="none"))
+
+
+def test_extract_ten_crop_with_tiny_vq(image_tree, tmp_path):
+    for name in ("a", "b"):  # one class is enough here; keeps the CPU encode short
+        shutil.rmtree(image_tree / name)
+    torch.manual_seed(0)
+    vq = VQTokenizer(VQConfig(codebook_size=32, codebook_embed_dim=4, z_channels=8, ch=32, ch_mult=(1, 1, 2)))
+    config = _config(image_tree, tmp_path / "out", tokenizer="vq16", image_size=16, augment="ten_crop",
+                     shard_size=100, batch_size=40)
+    manifest = extract_codes(config, tokenizer=vq)
+    ds = TokenDataset(tmp_path / "out")
+    assert manifest["count"] == 12 and ds.augmentations == 10 and ds.grid_size == (4, 4)
+    assert ds.codebook_size == 32 and ds.tokenizer == vq.identity
+    # Recompute one image's ten views by hand: TenCrop(16) of the ADM centre crop at 16 * 1.1.
+    from torchvision.transforms.functional import ten_crop
+    image = Image.open(image_tree / "c" / "05.png").convert("RGB")
+    views = [np.asarray(v, dtype=np.float32) for v in ten_crop(data.center_crop(image, 17), 16)]
+    expected = vq.encode(torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2) / 127.5 - 1)
+    stored = np.load(tmp_path / "out" / manifest["shards"][0]["tokens"])[5]
+    assert np.array_equal(stored, expected.reshape(10, 16).numpy())
+
+
+def test_center_crop_matches_adm():
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (90, 300, 3), dtype=np.uint8))
+    crop = data.center_crop(image, 32)
+    assert crop.size == (32, 32)
+    # ADM: BOX-halve while the short side is >= 2 * size (90 -> 45), BICUBIC to short side 32, centre.
+    half = image.resize((150, 45), resample=Image.BOX)
+    scaled = half.resize((round(150 * 32 / 45), 32), resample=Image.BICUBIC)
+    left = (scaled.size[0] - 32) // 2
+    assert np.array_equal(np.asarray(crop), np.asarray(scaled)[:, left:left + 32])
+
+
+def test_extract_config_errors(image_tree, tmp_path):
+    with pytest.raises(ValueError, match="vq_ckpt must be set"):
+        extract_codes(_config(image_tree, tmp_path / "out", tokenizer="vq16"))
+    with pytest.raises(FileNotFoundError, match="vq_ds16_c2i.pt"):
+        extract_codes(_config(image_tree, tmp_path / "out", tokenizer="vq16", vq_ckpt=str(tmp_path / "vq.pt")))
+    with pytest.raises(ValueError, match="augment must be one of"):
+        extract_codes(_config(image_tree, tmp_path / "out", augment="rotate"))
+    with pytest.raises(ValueError, match="data_path must be set"):
+        extract_codes(ExtractConfig(output_dir=str(tmp_path)))
+
+
+def test_extract_script_and_yaml_mirror_the_config(image_tree, tmp_path):
+    yaml_text = (REPO / "configs" / "extract_codes.yaml").read_text()
+    assert yaml_text.splitlines()[0] == "defaults: [extract_codes_schema, _self_]"
+    keys = {line.split(":")[0] for line in yaml_text.splitlines() if line and line[0].isalpha()}
+    assert keys - {"defaults"} == {f.name for f in fields(ExtractConfig)}
+
+    out = tmp_path / "out"
+    base = [sys.executable, str(REPO / "scripts" / "extract_codes.py"), f"data_path={image_tree}",
+            f"output_dir={out}", "tokenizer=pixel", "image_size=8", "num_workers=0", "device=cpu",
+            f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "extracted 36 images" in done.stdout
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_extract_config_typo_is_an_error_naming_the_key():
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    from arpg.cli import register_schema, to_dataclass
+
+    register_schema("extract_codes", ExtractConfig)
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        config = to_dataclass(compose("extract_codes", overrides=["data_path=/d", "output_dir=/o"]), ExtractConfig)
+        assert config == ExtractConfig(data_path="/d", output_dir="/o")  # the YAML defaults equal the dataclass's
+        with pytest.raises(ConfigCompositionException, match="shard_sise"):
+            compose("extract_codes", overrides=["shard_sise=3"])
