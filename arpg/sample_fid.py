@@ -1,0 +1,305 @@
+"""Samples for FID: N class-conditional images as PNGs and one `.npz` for ADM's evaluation suite.
+
+    torchrun --nproc_per_node 8 scripts/sample_fid.py checkpoint=arpg_300m.pt vq_ckpt=vq_ds16_c2i.pt \
+        output_dir=samples/arpg_l_cfg5
+    python scripts/evaluate.py sample_npz=samples/arpg_l_cfg5.npz ref_npz=VIRTUAL_imagenet256_labeled.npz
+
+What image i is does not depend on how it was made:
+
+* image i (0 <= i < num_images) has class i % num_classes, so 50,000 images of a 1000-class model
+  are exactly 50 per class and any prefix is as balanced as it can be;
+* its decoding order and sampling noise come from its own generator, seeded with
+  `image_seed(seed, i)`, and `arpg.sample.generate` makes a sample depend on its own generator
+  only (not on the other samples of the batch);
+* work is handed out by index: the missing indices are cut into batches of `batch_size` and
+  process r takes batches r, r + world, r + 2 * world, ...
+
+So image i is the same on 1 or 8 processes, in any batch, in a first or a resumed run (up to the
+float round-off of the batched network, which changes a sampled token only at an exact tie).
+
+Files: `<output_dir>/<i:06d>.png` (RGB, each written to a temporary file and renamed, so a file
+that exists is complete), `<output_dir>/sample_fid.json` (the settings that decide the images: a
+rerun with other settings into the same folder is refused) and, once all N images exist,
+`<output_dir>.npz` (written by rank 0, atomically): `arr_0` uint8 (N, H, W, 3), `arr_1` int64
+(N,) class labels. A rerun skips the images that exist and generates only the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm.auto import tqdm
+
+from arpg.checkpoint import WEIGHTS_CHOICES, atomic_write, load_model
+from arpg.eval import NpzImages
+from arpg.sample import TOKENIZER_CHOICES, _load_tokenizer, generate
+
+SETTINGS_FILE = "sample_fid.json"
+# Settings that decide how the images are made but not which images they are (device and amp
+# change only the float arithmetic): left out of SETTINGS_FILE, so a run may be resumed with
+# another batch size, device or image count.
+_NOT_RECORDED = ("num_images", "batch_size", "output_dir", "device", "amp", "compile", "write_threads")
+# Ranks meet after rank 0 prepares the folder, after listing it and loading the model, and after
+# sampling. Sampling is balanced to within one batch, so waits are short; the limit only has to
+# outlast loading the largest model.
+_BARRIER_TIMEOUT = timedelta(hours=1)
+
+
+@dataclass
+class SampleFIDConfig:
+    """`scripts/sample_fid.py` (mirrored by `configs/sample_fid.yaml`).
+
+    Published settings (ImageNet 256x256, 64 steps, arccos schedule, constant guidance, 50k images):
+    ARPG-L `cfg=5.0` (FID about 2.38), ARPG-XL `cfg=6.0` (2.02), ARPG-XXL `cfg=7.5` (1.91).
+    The paper's cosine-schedule table used cfg 4.5 / 6.0 / 7.5 (FID 2.44 / 2.10 / 1.94).
+    """
+
+    checkpoint: str = "???"  # our .safetensors or a published arpg_*.pt
+    weights: str = "default"  # default | model | ema
+    tokenizer: str = "vq16"  # vq16: the VQ autoencoder in vq_ckpt | pixel_digits: 8x8 digits, 17 grey levels
+    vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt, or our VQ .safetensors (any VQConfig; its config is stored)
+    num_images: int = 50000  # image i has class i % num_classes
+    steps: int = 64
+    schedule: str = "arccos"  # arccos | cosine | linear | regions (needs a regions order and its step count)
+    order: str = "random"  # random | random_shared | raster | regions4 | regions16
+    cfg: float = 5.0  # 1: no guidance; see the class docstring for the published per-model values
+    cfg_schedule: str = "constant"  # constant | linear
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    causal_within_step: bool = False
+    seed: int = 0
+    batch_size: int = 64  # images per process per decode (the network sees twice that with guidance)
+    output_dir: str = "samples/arpg"  # PNGs; the .npz goes next to it as <output_dir>.npz
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast for the transformer on CUDA (the tokenizer decodes in float32)
+    compile: bool = False  # torch.compile the decode step
+    write_threads: int = 4  # PNG encoding threads, overlapping the writes with the next batch
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index`'s generator: a hash of (seed, index), 63 bits."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def image_path(output_dir: str | Path, index: int) -> Path:
+    return Path(output_dir) / f"{index:06d}.png"
+
+
+def npz_path(output_dir: str | Path) -> Path:
+    """Where `sample_fid` writes the `.npz` of `output_dir`: beside it, as `<output_dir>.npz`."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(output_dir.name + ".npz")
+
+
+def sample_fid(config: SampleFIDConfig) -> Path:
+    """Make sure `config.num_images` samples exist in `config.output_dir` and their `.npz` beside it.
+
+    Runs on every process of a torchrun / `accelerate launch` job (gloo on CPU, NCCL on GPU) or as
+    a single process. Returns the path of the `.npz`.
+    """
+    _validate(config)
+    rank, world, device = _setup_processes(config.device)
+    try:
+        return _sample_fid(config, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.device) -> Path:
+    output_dir, npz = Path(config.output_dir), npz_path(config.output_dir)
+    _check_settings(config, output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(output_dir, npz)
+        _write_settings(config, output_dir)
+    _barrier(device)
+    # Every rank lists the folder after rank 0's cleanup and before anyone writes, so all ranks
+    # agree on the missing indices without exchanging them.
+    missing = _missing_indices(output_dir, config.num_images)
+    model = load_model(config.checkpoint, weights=config.weights, device=device)
+    tokenizer = _load_tokenizer(config).to(device)
+    _barrier(device)
+
+    batches = [missing[i:i + config.batch_size] for i in range(0, len(missing), config.batch_size)]
+    started = time.perf_counter()
+    mine = batches[rank::world]
+    if mine:
+        _generate_batches(model, tokenizer, mine, config, device, rank, world)
+    _barrier(device)
+    seconds = time.perf_counter() - started
+
+    if rank != 0:
+        return npz
+    if missing or not _npz_is_complete(npz, config.num_images):
+        write_npz(output_dir, config.num_images, model.config.num_classes, npz)
+    rate = f"{len(missing) / seconds:.2f} images/s over {world} process(es)" if missing else "nothing to sample"
+    print(f"{config.num_images} images in {output_dir.resolve()} ({len(missing)} new, "
+          f"{config.num_images - len(missing)} kept): {rate}; npz {npz.resolve()}")
+    return npz
+
+
+def _generate_batches(model, tokenizer, batches: list[list[int]], config: SampleFIDConfig,
+                      device: torch.device, rank: int, world: int) -> None:
+    """Sample and write this rank's batches; PNG encoding of one batch overlaps the next decode."""
+    num_classes = model.config.num_classes
+    progress = tqdm(total=sum(map(len, batches)), unit="img", disable=rank != 0,
+                    desc=f"sampling (rank 0 of {world})" if world > 1 else "sampling")
+    with ThreadPoolExecutor(max_workers=config.write_threads) as pool:
+        writing: list[Future] = []
+        for indices in batches:
+            labels = torch.tensor([i % num_classes for i in indices], device=device)
+            generators = [torch.Generator().manual_seed(image_seed(config.seed, i)) for i in indices]
+            images = generate(model, labels, steps=config.steps, schedule=config.schedule, cfg=config.cfg,
+                              cfg_schedule=config.cfg_schedule, temperature=config.temperature,
+                              top_k=config.top_k, top_p=config.top_p, order=config.order, generator=generators,
+                              tokenizer=tokenizer, causal_within_step=config.causal_within_step,
+                              amp=config.amp, compile=config.compile)  # (B, C, H, W) in [-1, 1]
+            pictures = tokenizer.to_pil(images)
+            for future in writing:  # the previous batch; re-raises a failed write
+                future.result()
+            progress.update(len(writing))
+            writing = [pool.submit(_write_png, image_path(config.output_dir, i), picture)
+                       for i, picture in zip(indices, pictures)]
+        for future in writing:
+            future.result()
+        progress.update(len(writing))
+    progress.close()
+
+
+def _write_png(path: Path, picture: Image.Image) -> None:
+    # RGB even for grey tokenizers: the ADM suite reads (H, W, 3).
+    rgb = picture.convert("RGB")
+    atomic_write(path, lambda tmp: rgb.save(tmp, format="PNG"))
+
+
+def write_npz(output_dir: str | Path, num_images: int, num_classes: int, path: str | Path) -> Path:
+    """Pack `<output_dir>/000000.png ...` (num_images of them) into an ADM-style `.npz` at `path`.
+
+    `arr_0` is uint8 (N, H, W, 3), `arr_1` the labels i % num_classes. The images are streamed into
+    the (uncompressed, zip64) archive one at a time, so 50k 256x256 images (about 10 GB) never
+    sit in memory at once. Written atomically.
+    """
+    first = _read_png(image_path(output_dir, 0))
+    shape = (num_images, *first.shape)
+    labels = np.arange(num_images, dtype=np.int64) % num_classes
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": shape}
+                np.lib.format.write_array_header_1_0(member, header)
+                for index in tqdm(range(num_images), desc="npz", unit="img"):
+                    pixels = first if index == 0 else _read_png(image_path(output_dir, index))
+                    if pixels.shape != first.shape:
+                        raise ValueError(f"{image_path(output_dir, index)} has shape {pixels.shape}, "
+                                         f"{image_path(output_dir, 0)} has {first.shape}")
+                    member.write(pixels.tobytes())
+            with archive.open("arr_1.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, labels)
+
+    return atomic_write(path, write)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+
+
+def _npz_is_complete(path: Path, num_images: int) -> bool:
+    return path.is_file() and len(NpzImages(path)) == num_images
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+def _missing_indices(output_dir: Path, num_images: int) -> list[int]:
+    existing = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
+    return [i for i in range(num_images) if image_path(output_dir, i).name not in existing]
+
+
+def _remove_stale_temporaries(output_dir: Path, npz: Path) -> None:
+    """Remove what a killed run left inside `atomic_write` (hidden `.<name>.<random>.tmp` files)."""
+    for stale in [*output_dir.glob(".*.png.*.tmp"), *npz.parent.glob(f".{npz.name}.*.tmp")]:
+        stale.unlink(missing_ok=True)
+
+
+def _recorded_settings(config: SampleFIDConfig) -> dict:
+    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_RECORDED}
+    for key in ("checkpoint", "vq_ckpt"):
+        if settings[key]:
+            settings[key] = str(Path(settings[key]).resolve())
+    return settings
+
+
+def _check_settings(config: SampleFIDConfig, output_dir: Path) -> None:
+    path = output_dir / SETTINGS_FILE
+    if not path.is_file():
+        return
+    recorded, current = json.loads(path.read_text()), _recorded_settings(config)
+    differ = [f"{k}={recorded.get(k)!r} there, {v!r} now" for k, v in current.items() if recorded.get(k) != v]
+    if differ:
+        raise ValueError(f"{output_dir} holds samples made with other settings ({'; '.join(differ)}); "
+                         f"use another output_dir, or delete it to start over")
+
+
+def _write_settings(config: SampleFIDConfig, output_dir: Path) -> None:
+    text = json.dumps(_recorded_settings(config), indent=1)
+    atomic_write(output_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and checks
+# ---------------------------------------------------------------------------------------------
+
+def _setup_processes(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from the launcher's environment; joins the process group when
+    there are several processes (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_BARRIER_TIMEOUT)
+    return rank, world, device
+
+
+def _barrier(device: torch.device) -> None:
+    if dist.is_initialized():
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _validate(config: SampleFIDConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    need(config.checkpoint not in ("", "???"), "checkpoint must be set (our .safetensors or a published arpg_*.pt)")
+    need(config.weights in WEIGHTS_CHOICES, f"weights must be one of {WEIGHTS_CHOICES}, got {config.weights!r}")
+    need(config.tokenizer in TOKENIZER_CHOICES,
+         f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")
+    need(config.num_images >= 1, f"num_images must be >= 1, got {config.num_images}")
+    need(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+    need(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
+    need(config.write_threads >= 1, f"write_threads must be >= 1, got {config.write_threads}")
+    need(config.output_dir not in ("", "."), f"output_dir must name a folder of its own, got {config.output_dir!r}")
+    need(config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
+         f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")

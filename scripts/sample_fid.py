@@ -1,0 +1,13 @@
+"""Draw N class-conditional samples into PNGs and an ADM-style .npz (see `arpg.sample_fid`).
+
+    torchrun --nproc_per_node 8 scripts/sample_fid.py checkpoint=arpg_300m.pt vq_ckpt=vq_ds16_c2i.pt \
+        cfg=5.0 output_dir=samples/arpg_l_cfg5      # -> samples/arpg_l_cfg5.npz
+    python scripts/sample_fid.py checkpoint=runs/tiny_digits/model.safetensors tokenizer=pixel_digits \
+        num_images=1000 steps=8 cfg=3.0 output_dir=samples/digits
+"""
+
+from arpg.cli import hydra_main
+from arpg.sample_fid import SampleFIDConfig, sample_fid
+
+if __name__ == "__main__":
+    hydra_main(sample_fid, SampleFIDConfig, "sample_fid")

@@ -1,0 +1,138 @@
+"""The digits judge (held-out accuracy, Frechet features) and the steps-vs-quality benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from arpg import create_model
+from arpg.checkpoint import save
+from arpg.cli import CONFIG_DIR, register_schema, to_dataclass
+from arpg.data import digits_dataset
+from arpg.quality import BenchQualityConfig, bench_quality, digits_judge, sample_digits
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return digits_judge()
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """A random digits-shaped model (64 tokens of 17 grey levels, 10 classes) with a non-zero head."""
+    torch.manual_seed(0)
+    model = create_model("ARPG-tiny", vocab_size=17, block_size=64, num_classes=10, dim=64)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def test_judge_recognises_held_out_real_digits(judge):
+    assert judge.held_out_accuracy >= 0.95
+    assert len(judge.reference_tokens) == 899 and len(judge.held_out_tokens) == 898
+
+
+def test_real_vs_real_frechet_is_small_against_random_tokens(judge):
+    random_tokens = torch.randint(0, 17, (898, 8, 8), generator=torch.Generator().manual_seed(0))
+    random_frechet = judge.frechet(random_tokens)
+    assert 0 < judge.noise_floor < random_frechet / 50
+    # The same real images on both sides score (numerically) zero.
+    assert judge.frechet(judge.reference_tokens) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_judge_accepts_grids_and_sequences_and_names_bad_input(judge):
+    test = digits_dataset("test")
+    grids = test.tokens.view(-1, 8, 8)
+    assert judge.accuracy(grids, test.labels) == judge.accuracy(test.tokens.numpy(), test.labels.tolist())
+    assert judge.features(grids).shape == (len(test), judge.feature_dim)
+    with pytest.raises(ValueError, match="grey levels"):
+        judge.accuracy(grids + 1, test.labels)
+    with pytest.raises(ValueError, match=r"shape \(N, 8, 8\)"):
+        judge.features(torch.zeros(3, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        judge.accuracy(grids, test.labels[:-1])
+
+
+def test_sample_digits_is_class_balanced_and_seeded(digits_model):
+    tokens, labels = sample_digits(digits_model, 25, seed=3, batch_size=10, steps=4, cfg=2.0)
+    assert tokens.shape == (25, 8, 8) and labels.tolist() == [i % 10 for i in range(25)]
+    again, _ = sample_digits(digits_model, 25, seed=3, batch_size=10, steps=4, cfg=2.0)
+    assert torch.equal(tokens, again)
+    with pytest.raises(ValueError, match="digits model"):
+        sample_digits(create_model("ARPG-tiny", vocab_size=32, block_size=16, num_classes=10, dim=64), 4)
+
+
+# 50 samples span at most 49 of the 58 feature dimensions: their covariance is singular by construction.
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+def test_bench_quality_reduced_run_writes_every_field(digits_model, tmp_path, capsys):
+    checkpoint = save(digits_model, tmp_path / "digits.safetensors")
+    config = BenchQualityConfig(checkpoint=str(checkpoint), samples=50, steps=[1, 8], batch_size=50, device="cpu",
+                                output_json=str(tmp_path / "q.json"), output_plot=str(tmp_path / "q.png"))
+    bench_quality(config)
+
+    report = json.loads(Path(config.output_json).read_text())
+    assert report["config"]["steps"] == [1, 8] and report["config"]["samples"] == 50
+    assert report["judge"]["held_out_accuracy"] >= 0.95 and report["judge"]["feature_dim"] > 0
+    assert report["noise_floor"]["frechet"] > 0 and report["random_tokens_frechet"] > report["noise_floor"]["frechet"]
+    rows = {(r["order"], r["schedule"], r["steps"]): r for r in report["results"]}
+    expected = {(o, "arccos", s) for o in ("random", "raster", "regions4") for s in (1, 8)} | {("regions4", "regions", 19)}
+    assert set(rows) == expected
+    for row in rows.values():
+        assert set(row) == {"order", "schedule", "steps", "accuracy", "frechet", "images_per_s", "seconds"}
+        assert 0 <= row["accuracy"] <= 1 and row["frechet"] > 0 and row["images_per_s"] > 0
+    # One step predicts every position from the class token alone, with one uniform per position:
+    # any fixed order gives the very same samples.
+    assert rows["raster", "arccos", 1]["frechet"] == rows["regions4", "arccos", 1]["frechet"]
+    assert rows["raster", "arccos", 8]["frechet"] != rows["regions4", "arccos", 8]["frechet"]
+
+    with Image.open(config.output_plot) as plot:
+        assert plot.format == "PNG" and plot.width > 500
+    assert "| order | schedule | steps | accuracy | frechet | images/s |" in " ".join(capsys.readouterr().out.split())
+
+
+def test_default_model_is_the_train_yaml_recipe(monkeypatch, tmp_path):
+    """Without a checkpoint the bench trains configs/train.yaml's default digits run in train_dir."""
+    import arpg.train
+    from arpg.quality import _default_digits_model
+
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(arpg.train, "train", fake_train)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        _default_digits_model(str(tmp_path / "run"), torch.device("cpu"))
+    config = seen["config"]
+    assert config.out_dir == str(tmp_path / "run")
+    assert (config.model.name, config.data.name, config.model.cls_rope) == ("ARPG-tiny", "digits", "identity")
+
+
+def test_yaml_mirrors_the_dataclass():
+    register_schema("bench_quality", BenchQualityConfig)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        assert to_dataclass(compose("bench_quality"), BenchQualityConfig) == BenchQualityConfig()
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (dict(samples=1), "samples"), (dict(steps=[0]), "steps"), (dict(steps=[]), "steps"),
+    (dict(orders=["spiral"]), "orders"), (dict(checkpoint="nope.safetensors"), "checkpoint"),
+    (dict(batch_size=0), "batch_size"), (dict(weights="best"), "weights"),
+])
+def test_bad_settings_name_the_parameter(overrides, name):
+    with pytest.raises(ValueError, match=name):
+        bench_quality(BenchQualityConfig(**overrides))

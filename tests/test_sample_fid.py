@@ -1,0 +1,173 @@
+"""FID sampling: every image once, an ADM-readable .npz, resumption, and independence of the process count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from PIL import Image
+
+from arpg import create_model
+from arpg.checkpoint import save
+from arpg.cli import CONFIG_DIR, register_schema, to_dataclass
+from arpg.eval import EvalConfig, evaluate_npz
+from arpg.sample_fid import SETTINGS_FILE, SampleFIDConfig, image_path, image_seed, npz_path, sample_fid
+from arpg.tokenizer import VQConfig, VQTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_CLASSES = 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: extra intra-op threads only add synchronisation. The torchrun workers run with
+    OMP_NUM_THREADS=1 as well, so in-process and multi-process runs do the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """A random tiny ARPG (4x4 tokens of 32 codes, 10 classes) and a tiny VQ (16x16 RGB <-> 4x4 codes)."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    model = create_model("ARPG-tiny", dim=64, vocab_size=32, block_size=16, num_classes=NUM_CLASSES)
+    for p in model.parameters():  # the published init zeroes the head: every sample would be uniform noise
+        torch.nn.init.normal_(p, std=0.3)
+    vq = VQTokenizer(VQConfig(codebook_size=32, codebook_embed_dim=4, z_channels=8, ch=32, ch_mult=(1, 1, 2),
+                              num_res_blocks=1))
+    save(model, root / "arpg_tiny.safetensors")
+    vq.save(root / "vq_tiny.safetensors")
+    return {"checkpoint": root / "arpg_tiny.safetensors", "vq_ckpt": root / "vq_tiny.safetensors"}
+
+
+def make_config(weights: dict[str, Path], output_dir: Path, **overrides) -> SampleFIDConfig:
+    settings = {**dict(num_images=20, steps=4, cfg=2.0, batch_size=4, device="cpu"), **overrides}
+    return SampleFIDConfig(checkpoint=str(weights["checkpoint"]), vq_ckpt=str(weights["vq_ckpt"]),
+                           output_dir=str(output_dir), **settings)
+
+
+def read_pngs(output_dir: Path, count: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(image_path(output_dir, i))) for i in range(count)])
+
+
+def file_identities(output_dir: Path, count: int) -> list[tuple[int, int]]:
+    """(inode, mtime in ns) of each image: a rewritten file (temp + rename) gets a new inode."""
+    return [(s.st_ino, s.st_mtime_ns) for s in (image_path(output_dir, i).stat() for i in range(count))]
+
+
+def test_two_processes_write_every_image_once_and_equal_one_process(weights, tmp_path):
+    two_dir, one_dir = tmp_path / "two", tmp_path / "one"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(REPO / "scripts" / "sample_fid.py"), f"checkpoint={weights['checkpoint']}",
+                    f"vq_ckpt={weights['vq_ckpt']}", "num_images=20", "steps=4", "cfg=2.0", "batch_size=4",
+                    "device=cpu", f"output_dir={two_dir}"],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+
+    assert sorted(p.name for p in two_dir.glob("*.png")) == [f"{i:06d}.png" for i in range(20)]
+    assert not list(two_dir.glob(".*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    images = read_pngs(two_dir, 20)
+    assert images.shape == (20, 16, 16, 3) and images.dtype == np.uint8
+    assert len({image.tobytes() for image in images}) == 20  # 20 distinct samples
+    with np.load(npz_path(two_dir)) as npz:
+        assert sorted(npz.files) == ["arr_0", "arr_1"]
+        assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (20, 16, 16, 3)
+        np.testing.assert_array_equal(npz["arr_0"], images)
+        np.testing.assert_array_equal(npz["arr_1"], np.arange(20) % NUM_CLASSES)
+
+    # One process, same batches: image i is the same image.
+    sample_fid(make_config(weights, one_dir))
+    np.testing.assert_array_equal(read_pngs(one_dir, 20), images)
+
+
+def test_rerun_generates_only_the_missing_images(weights, tmp_path, capsys):
+    out = tmp_path / "samples"
+    config = make_config(weights, out, num_images=12)
+    sample_fid(config)
+    original = read_pngs(out, 12)
+    identities = file_identities(out, 12)
+
+    # An interrupted run: three images and the npz missing, a half-written temporary file left.
+    deleted = [2, 5, 11]
+    for i in deleted:
+        image_path(out, i).unlink()
+    npz_path(out).unlink()
+    (out / ".000005.png.x1y2.tmp").write_bytes(b"half a png")
+    capsys.readouterr()
+    sample_fid(replace(config, batch_size=3))  # other batches: image i must not change
+
+    assert "(3 new, 9 kept)" in capsys.readouterr().out
+    assert not list(out.glob(".*.tmp"))
+    after = file_identities(out, 12)
+    kept = [i for i in range(12) if i not in deleted]
+    assert [after[i] for i in kept] == [identities[i] for i in kept]  # never rewritten
+    regenerated = read_pngs(out, 12)
+    # Equal up to float round-off of the differently batched decoder (at most 1 grey level).
+    assert np.abs(regenerated.astype(int) - original.astype(int)).max() <= 1
+    with np.load(npz_path(out)) as npz:
+        np.testing.assert_array_equal(npz["arr_0"], regenerated)
+
+    # More images later: the first 12 stay, 2 are added, the npz grows to 14.
+    sample_fid(replace(config, num_images=14))
+    assert file_identities(out, 12) == after
+    with np.load(npz_path(out)) as npz:
+        assert npz["arr_0"].shape[0] == 14
+
+
+def test_npz_reads_back_through_the_evaluator(weights, tmp_path):
+    """The streamed npz is what arpg.eval (and ADM's evaluator) expects: uint8 (N, H, W, 3) under arr_0."""
+    sample_fid(make_config(weights, tmp_path / "a", num_images=8))
+    features = lambda images: (images.reshape(len(images), -1)[:, :6].astype(np.float64),  # noqa: E731
+                               np.full((len(images), 4), 0.25))
+    results = evaluate_npz(npz_path(tmp_path / "a"), npz_path(tmp_path / "a"), extractor=features, splits=2, k=2)
+    assert results["num_samples"] == 8
+    assert results["fid"] == pytest.approx(0.0, abs=1e-6)  # the same images on both sides
+
+
+def test_other_settings_in_the_same_folder_are_refused(weights, tmp_path):
+    config = make_config(weights, tmp_path / "s", num_images=2)
+    sample_fid(config)
+    assert json.loads((tmp_path / "s" / SETTINGS_FILE).read_text())["cfg"] == 2.0
+    with pytest.raises(ValueError, match="cfg=2.0 there, 3.0 now"):
+        sample_fid(replace(config, cfg=3.0))
+
+
+def test_image_seeds_are_distinct_and_stable():
+    seeds = [image_seed(0, i) for i in range(1000)] + [image_seed(1, i) for i in range(1000)]
+    assert len(set(seeds)) == 2000 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert image_seed(0, 7) == image_seed(0, 7)
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (dict(checkpoint="???"), "checkpoint"), (dict(num_images=0), "num_images"), (dict(batch_size=0), "batch_size"),
+    (dict(tokenizer="vq8"), "tokenizer"), (dict(weights="best"), "weights"), (dict(seed=-1), "seed"),
+    (dict(device="tpu"), "device"), (dict(output_dir="."), "output_dir"),
+])
+def test_bad_settings_name_the_parameter(weights, tmp_path, overrides, name):
+    with pytest.raises(ValueError, match=name):
+        sample_fid(replace(make_config(weights, tmp_path / "x"), **overrides))
+
+
+def compose_config(name: str, schema: type, *overrides: str):
+    register_schema(name, schema)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return to_dataclass(compose(name, overrides=list(overrides)), schema)
+
+
+def test_yaml_configs_mirror_the_dataclasses():
+    assert compose_config("sample_fid", SampleFIDConfig, "checkpoint=x.pt") == SampleFIDConfig(checkpoint="x.pt")
+    assert compose_config("evaluate", EvalConfig) == EvalConfig()
+    with pytest.raises(ConfigCompositionException, match="stepz"):
+        compose_config("sample_fid", SampleFIDConfig, "checkpoint=x.pt", "stepz=8")
