@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from arpg.checkpoint import atomic_write
-from arpg.tokenizer import PixelTokenizer, Tokenizer, VQTokenizer
+from arpg.tokenizer import TOKENIZER_CHOICES, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,6 @@ def convert_npy_folder(src: str | Path, dst: str | Path, *, codebook_size: int =
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 AUGMENT_CHOICES = ("none", "flip", "ten_crop")
-TOKENIZER_CHOICES = ("vq16", "pixel")
 
 
 @dataclass
@@ -451,15 +450,6 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _build_tokenizer(config: ExtractConfig) -> Tokenizer:
-    if config.tokenizer == "pixel":
-        return PixelTokenizer(config.pixel_levels)
-    if not config.vq_ckpt:
-        raise ValueError("vq_ckpt must be set for tokenizer=vq16: download vq_ds16_c2i.pt from the LlamaGen "
-                         "release (huggingface.co/FoundationVision/LlamaGen) and pass vq_ckpt=/path/to/it")
-    return VQTokenizer.from_checkpoint(config.vq_ckpt)
-
-
 def _validate(config: ExtractConfig) -> None:
     for name in ("data_path", "output_dir"):
         if getattr(config, name) in ("", "???"):
@@ -485,7 +475,7 @@ def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> 
     kept, the rest are redone, so no image is stored twice.
     """
     _validate(config)
-    tokenizer = tokenizer or _build_tokenizer(config)
+    tokenizer = tokenizer or load_tokenizer(config.tokenizer, config.vq_ckpt, config.pixel_levels)
     if config.image_size % tokenizer.downsample:
         raise ValueError(f"image_size must be a multiple of the tokenizer's downsample "
                          f"{tokenizer.downsample}, got {config.image_size}")

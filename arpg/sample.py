@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from arpg.checkpoint import atomic_write
 from arpg.model import ARPG, KVCache, check_labels, rope_2d
 from arpg.orders import DecodePlan, decode_schedule, make_order, make_plan, random_order
+from arpg.tokenizer import load_tokenizer
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -580,9 +581,6 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2,
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
-TOKENIZER_CHOICES = ("vq16", "pixel_digits")
-
-
 @dataclass
 class SampleConfig:
     """`scripts/sample.py`: draw a PNG grid of class-conditional samples from a checkpoint."""
@@ -611,25 +609,12 @@ class SampleConfig:
     scale: int = 1  # enlarge each image (nearest) in the PNG, e.g. 8 for 8x8 digits
 
 
-def _load_tokenizer(config: SampleConfig):
-    from arpg.tokenizer import PixelTokenizer, VQTokenizer
-
-    if config.tokenizer not in TOKENIZER_CHOICES:
-        raise ValueError(f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")
-    if config.tokenizer == "pixel_digits":
-        return PixelTokenizer.digits()
-    if not config.vq_ckpt:
-        raise ValueError("tokenizer=vq16 needs vq_ckpt=<path to LlamaGen's vq_ds16_c2i.pt> (download it "
-                         "yourself from huggingface.co/FoundationVision/LlamaGen; nothing is fetched)")
-    return VQTokenizer.from_checkpoint(config.vq_ckpt)
-
-
 def sample_images(config: SampleConfig) -> Path:
     """Load the model and tokenizer, sample `samples_per_class` images per class, write the grid."""
     from arpg.checkpoint import load_model
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
-    tokenizer = _load_tokenizer(config).to(device)
+    tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
     model = load_model(config.checkpoint, weights=config.weights, device=device)
     labels = torch.tensor([c for c in config.classes for _ in range(config.samples_per_class)], device=device)
     images = generate(model, labels, steps=config.steps, schedule=config.schedule, cfg=config.cfg,

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from arpg.checkpoint import WEIGHTS_CHOICES, atomic_write, load_model
 from arpg.eval import NpzImages
-from arpg.sample import TOKENIZER_CHOICES, _load_tokenizer, generate
+from arpg.sample import generate
+from arpg.tokenizer import TOKENIZER_CHOICES, load_tokenizer
 
 SETTINGS_FILE = "sample_fid.json"
 # Settings that decide how the images are made but not which images they are (device and amp
@@ -130,7 +131,7 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
     # agree on the missing indices without exchanging them.
     missing = _missing_indices(output_dir, config.num_images)
     model = load_model(config.checkpoint, weights=config.weights, device=device)
-    tokenizer = _load_tokenizer(config).to(device)
+    tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
     _barrier(device)
 
     batches = [missing[i:i + config.batch_size] for i in range(0, len(missing), config.batch_size)]

@@ -491,3 +491,22 @@ class PixelTokenizer(Tokenizer):
         tokens = _as_grid(tokens)
         _check_token_range(tokens, self.levels)
         return (2 * tokens.float() / (self.levels - 1) - 1).unsqueeze(1)  # (B, 1, H, W)
+
+
+TOKENIZER_CHOICES = ("vq16", "pixel_digits", "pixel")
+
+
+def load_tokenizer(name: str, vq_ckpt: str = "", pixel_levels: int = 256) -> Tokenizer:
+    """The tokenizer named in a config: "vq16" (weights from `vq_ckpt`: LlamaGen's
+    vq_ds16_c2i.pt or our VQ safetensors), "pixel_digits" (8x8 digits, 17 grey levels) or
+    "pixel" (`pixel_levels` grey levels)."""
+    if name not in TOKENIZER_CHOICES:
+        raise ValueError(f"tokenizer must be one of {TOKENIZER_CHOICES}, got {name!r}")
+    if name == "pixel_digits":
+        return PixelTokenizer.digits()
+    if name == "pixel":
+        return PixelTokenizer(pixel_levels)
+    if not vq_ckpt:
+        raise ValueError("vq_ckpt must be set for tokenizer=vq16: download vq_ds16_c2i.pt from the LlamaGen "
+                         "release (huggingface.co/FoundationVision/LlamaGen) yourself and pass vq_ckpt=/path/to/it")
+    return VQTokenizer.from_checkpoint(vq_ckpt)
