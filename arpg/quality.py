@@ -157,6 +157,14 @@ def sample_digits(model: ARPG, num_samples: int, seed: int = 0, batch_size: int 
     return torch.cat(tokens), labels
 
 
+def digits_class_accuracy(model: ARPG, num_samples: int = 1000, seed: int = 0, batch_size: int = 500,
+                          **generate_kwargs: Any) -> float:
+    """Fraction of `num_samples` class-balanced samples (`sample_digits`) that the judge reads as
+    their requested class; `generate_kwargs` go to `arpg.sample.generate` (steps, cfg, ...)."""
+    tokens, labels = sample_digits(model, num_samples, seed=seed, batch_size=batch_size, **generate_kwargs)
+    return digits_judge().accuracy(tokens, labels)
+
+
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------

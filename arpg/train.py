@@ -7,7 +7,6 @@ Read top to bottom:
 * `validate`: every check that can fail before any work starts.
 * Building blocks: the learning-rate schedule, `EMA`, the per-process batch sampler, checkpoints.
 * `train(config)`: the loop.
-* `digits_class_accuracy`: how recognisable the samples of a digits model are.
 
 Randomness is *derived*, not carried: the data order of epoch e comes from (seed, e), and the
 training order, class dropout and dropout masks of micro-batch g of step s come from (seed, s, g),
@@ -31,7 +30,6 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,6 +42,7 @@ from arpg.checkpoint import atomic_write, save
 from arpg.data import DIGITS_SPLITS, TokenDataset, digits_dataset
 from arpg.model import ARPG, ARPGConfig, MODEL_SIZES, model_config
 from arpg.orders import ORDERS, make_order
+from arpg.quality import digits_class_accuracy
 from arpg.sample import generate, save_grid
 from arpg.tokenizer import TOKENIZER_CHOICES, load_tokenizer
 
@@ -437,53 +436,6 @@ def _save_sample_grid(model: ARPG, sample: SampleSettings, tokenizer, path: Path
     generator = torch.Generator().manual_seed(sample.seed)
     images = generate(model, labels, generator=generator, tokenizer=tokenizer.to(device), **_generate_kwargs(sample))
     return save_grid(images, path, nrow=sample.per_class, scale=sample.scale)
-
-
-@lru_cache(maxsize=1)
-def _digits_classifier():
-    """Logistic regression on all 1,797 real digits, pixel values 0..16 as scikit-learn gives them."""
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
-    digits = load_digits()
-    return LogisticRegression(max_iter=5000).fit(digits.data, digits.target)
-
-
-def _classify_digits(tokens: Tensor) -> np.ndarray:
-    """Predicted digit (n,) for token grids (n, 8, 8), whose values are the pixel values 0..16."""
-    from threadpoolctl import threadpool_limits
-
-    # One BLAS thread: the problem is tiny, and BLAS threads spinning on busy cores made the fit
-    # 25x slower (0.7 s vs 18 s on 2 shared cores).
-    with threadpool_limits(limits=1):
-        return _digits_classifier().predict(tokens.reshape(len(tokens), 64).cpu().numpy())
-
-
-@torch.no_grad()
-def digits_class_accuracy(model: ARPG, num_samples: int = 1000, steps: int = 8, cfg: float = 3.0,
-                          temperature: float = 0.7, schedule: str = "cosine", seed: int = 0, batch_size: int = 500,
-                          **generate_kwargs: Any) -> float:
-    """Fraction of class-conditional samples a classifier of the real digits assigns to the
-    requested class.
-
-    Draws `num_samples` digits (classes 0..9 in turn) with `arpg.sample.generate` and classifies
-    their tokens (which ARE the pixel values 0..16) with logistic regression fit on scikit-learn's
-    1,797 digits. `generate_kwargs` go to `generate` (cfg_schedule, top_k, order, ...).
-    """
-    _need(num_samples >= 1, f"num_samples must be >= 1, got {num_samples}")
-    _need(model.config.block_size == 64 and model.config.vocab_size == 17 and model.config.num_classes == 10,
-          "model must be a digits model (block_size 64, vocab_size 17, num_classes 10), got "
-          f"{model.config.block_size}, {model.config.vocab_size}, {model.config.num_classes}")
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_samples, device=device) % 10
-    correct = 0
-    for start in range(0, num_samples, batch_size):
-        batch = labels[start:start + batch_size]
-        tokens = generate(model, batch, steps=steps, schedule=schedule, cfg=cfg, temperature=temperature,
-                          generator=generator, **generate_kwargs)  # (b, 8, 8)
-        correct += int((_classify_digits(tokens) == batch.cpu().numpy()).sum())
-    return correct / num_samples
 
 
 # ---------------------------------------------------------------------------------------------
