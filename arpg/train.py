@@ -162,7 +162,7 @@ class TrainConfig:
     name: str = "tiny_digits"
     out_dir: str = "runs/tiny_digits"
     order: str = "random"  # training order: a name from arpg.orders.ORDERS
-    epochs: float = 60.0
+    epochs: float = 40.0
     max_steps: Optional[int] = None  # overrides epochs when set
     stop_at_step: Optional[int] = None  # end this invocation early; the schedule still spans the run
     seed: int = 0
