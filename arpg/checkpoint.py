@@ -3,62 +3,29 @@
 * `save(model, path)` writes safetensors with the `ARPGConfig` as JSON metadata, atomically.
 * `load_model(path)` reads those files and the published ARPG `.pt` files (`arpg_300m.pt`,
   `arpg_700m.pt`, `arpg_1b.pt` and training checkpoints) with strict key and shape checks.
-* `atomic_write(path, write_fn)` is the one way this package puts a file on disk that must never
-  be seen half-written (weights, training states, shards).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from arpg.model import ARPG, ARPGConfig, MODEL_SIZES
+from arpg.files import atomic_write, read_torch_file
+from arpg.models import MODEL_SIZES
+from arpg.models.arpg import ARPG, ARPGConfig
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_CHOICES = ("default", "model", "ema")
 # The published sampler's order of preference among the entries of a `.pt` checkpoint.
 _PUBLISHED_WEIGHT_KEYS = ("model", "module", "state_dict")
-
-
-def atomic_write(path: str | Path, write_fn: Callable[[Path], Any]) -> Path:
-    """Call `write_fn(tmp_path)`, fsync the result and rename it to `path`.
-
-    A reader therefore sees either the previous complete file or the new complete one, never a
-    partial write, even if the process dies midway (the temporary file is removed on error).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp creates the file 0600; give it the permissions a plain open() would (0666 & ~umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save(model: ARPG, path: str | Path, weights: str = "model") -> Path:
@@ -69,18 +36,6 @@ def save(model: ARPG, path: str | Path, weights: str = "model") -> Path:
     metadata = {"format": "arpg", "arpg_config": json.dumps(model.config.to_dict()), "weights": weights}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """Load a `.pt` file safely (`weights_only=True`), with a clear error for unreadable files."""
-    path = _existing(path)
-    try:
-        # Published training checkpoints pickle their argparse Namespace under "args".
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for damaged files
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, corrupt or not a "
-                         f"torch.save file): {type(err).__name__}: {str(err).splitlines()[0]}") from None
 
 
 def load_weights(path: str | Path, weights: str = "default") -> tuple[dict[str, Tensor], Optional[dict]]:
@@ -96,7 +51,7 @@ def load_weights(path: str | Path, weights: str = "default") -> tuple[dict[str, 
     if _is_safetensors(path):
         return _load_safetensors(path)
 
-    obj = read_checkpoint(path)
+    obj = read_torch_file(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     config = _config_from_checkpoint(obj)
@@ -205,7 +160,8 @@ def _infer_config(state: Mapping[str, Tensor], model_name: Optional[str], path: 
     vocab_size = state["head.weight"].shape[0]
     n_layer = 2 * sum(1 for k in state if k.startswith("layers.self_dec.") and k.endswith(".attn_norm.weight"))
     if model_name is None:
-        matches = [name for name, size in MODEL_SIZES.items() if size["dim"] == dim and size["n_layer"] == n_layer]
+        matches = [name for name, (family, size) in MODEL_SIZES.items()
+                   if family == "arpg" and size["dim"] == dim and size["n_layer"] == n_layer]
         if not matches:
             raise ValueError(f"{path}: no registered size has dim={dim}, n_layer={n_layer}; "
                              f"pass model_name= one of {sorted(MODEL_SIZES)} (or a config)")
@@ -213,4 +169,4 @@ def _infer_config(state: Mapping[str, Tensor], model_name: Optional[str], path: 
     if model_name not in MODEL_SIZES:
         raise ValueError(f"model_name must be one of {sorted(MODEL_SIZES)}, got {model_name!r}")
     log.info("%s: recognised as %s", path, model_name)
-    return {**MODEL_SIZES[model_name], "vocab_size": vocab_size, "num_classes": rows - vocab_size - 3}
+    return {**MODEL_SIZES[model_name][1], "vocab_size": vocab_size, "num_classes": rows - vocab_size - 3}

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +29,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from arpg.checkpoint import atomic_write
+from arpg.errors import require
+from arpg.files import atomic_write
+from arpg.runtime import resolve_device
 from arpg.tokenizer import TOKENIZER_CHOICES, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -279,6 +282,41 @@ def digits_dataset(split: str | None = None) -> InMemoryTokenDataset:
     return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10)
 
 
+DATA_CHOICES = ("digits", "codes")
+
+
+@dataclass
+class DataSettings:
+    """`digits`: scikit-learn's 8x8 digits as tokens (bundled). `codes`: a token-shard folder
+    written by scripts/extract_codes.py (`path`)."""
+
+    name: str = "digits"
+    path: Optional[str] = None
+    split: Optional[str] = None  # digits only: None (all 1797), "train" or "test"
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        """Raise `SettingError` naming the first bad key (prefixed `data.`)."""
+        require(self.name in DATA_CHOICES, f"data.name must be one of {DATA_CHOICES}, got {self.name!r}")
+        if self.name == "codes":
+            require(bool(self.path), "data.path must be set for data.name=codes (a folder made by "
+                                     "scripts/extract_codes.py)")
+            require(Path(self.path, MANIFEST_NAME).is_file(),
+                    f"data.path {self.path!r} is not a token-shard folder (no {MANIFEST_NAME} there); make one "
+                    f"with scripts/extract_codes.py or point data.path at it")
+        else:
+            require(self.split in DIGITS_SPLITS, f"data.split must be one of {DIGITS_SPLITS}, got {self.split!r}")
+        require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+def build_dataset(data: DataSettings, seed: int = 0) -> TokenDataset | InMemoryTokenDataset:
+    """The token data set a `DataSettings` names (items: ((T,) LongTensor, int label))."""
+    data.validate()
+    if data.name == "digits":
+        return digits_dataset(data.split)
+    return TokenDataset(data.path, seed=seed)
+
+
 # --------------------------------------------------------------------------------------------
 # The published per-image .npy layout (ARPG / RandAR)
 
@@ -479,8 +517,7 @@ def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> 
     if config.image_size % tokenizer.downsample:
         raise ValueError(f"image_size must be a multiple of the tokenizer's downsample "
                          f"{tokenizer.downsample}, got {config.image_size}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
-                          else config.device)
+    device = resolve_device(config.device)
     tokenizer = tokenizer.to(device).eval()
     classes, files = _list_image_folder(Path(config.data_path))
     side = config.image_size // tokenizer.downsample

@@ -27,6 +27,8 @@ from scipy.linalg import sqrtm
 from scipy.special import xlogy
 from tqdm.auto import tqdm
 
+from arpg.files import read_torch_file
+
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
@@ -292,10 +294,7 @@ def resolve_inception_weights(weights_path: str | Path | None = None) -> Path:
 def _check_inception_state_dict(path: Path) -> None:
     # torch-fidelity unpickles the file with weights_only=False; reading it with weights_only=True
     # first refuses a file that carries code, and catches a wrong file with a clear message.
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable PyTorch state dict ({error})") from error
+    state_dict = read_torch_file(path)
     expected = (INCEPTION_NUM_CLASSES, INCEPTION_FEATURE_DIM)
     fc_weight = state_dict.get("fc.weight") if isinstance(state_dict, dict) else None
     if fc_weight is None or tuple(fc_weight.shape) != expected:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from numbers import Integral
 
@@ -223,25 +223,17 @@ def decode_schedule(
 
 @dataclass(frozen=True, eq=False)
 class DecodePlan:
-    """Which positions are decoded at which step.
-
-    Step i predicts the positions ``order[:, start:end]`` with ``(start, end) =
-    step_slices[i]``; the boundaries are Python ints, computed once, so a sampler never
-    synchronises with the device to find them.
-    """
+    """Which positions are decoded at which step: step i predicts the next
+    ``tokens_per_step[i]`` positions of ``order``. The step sizes are Python ints, fixed up front,
+    so a sampler never synchronises with the device to find them."""
 
     order: Tensor  # (B, T) int64 raster positions in decoding order
     tokens_per_step: tuple[int, ...]
-    step_slices: tuple[tuple[int, int], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.order.dim() != 2:
             raise ValueError(f"order must have shape (B, T), got {tuple(self.order.shape)}")
         _check_group_sizes(self.tokens_per_step, self.order.shape[1], None, "tokens_per_step")
-        ends = [0]
-        for size in self.tokens_per_step:
-            ends.append(ends[-1] + size)
-        object.__setattr__(self, "step_slices", tuple(zip(ends[:-1], ends[1:])))
 
     @property
     def num_steps(self) -> int:
@@ -250,6 +242,22 @@ class DecodePlan:
     @property
     def num_tokens(self) -> int:
         return self.order.shape[1]
+
+
+@dataclass(frozen=True)
+class DecodeRules:
+    """How a model family decodes when the sampling options leave order, steps or schedule unset
+    (None), and whether it can decode any other way.
+
+    ARPG decodes any order with any schedule; LlamaGen and PAR are trained on one sequence and
+    decode only along it (``fixed``): then an order, steps or schedule other than their own is
+    an error naming the option.
+    """
+
+    order: str
+    steps: int | None
+    schedule: str | None
+    fixed: bool = False
 
 
 def make_plan(

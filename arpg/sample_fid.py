@@ -31,7 +31,7 @@ import os
 import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,16 +41,20 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from arpg.checkpoint import WEIGHTS_CHOICES, atomic_write, load_model
+from arpg.checkpoint import WEIGHTS_CHOICES, load_model
+from arpg.errors import require
 from arpg.eval import NpzImages
-from arpg.sample import generate
+from arpg.files import atomic_write
+from arpg.runtime import derive_seed, resolve_device
+from arpg.sample import SamplingOptions, generate
 from arpg.tokenizer import TOKENIZER_CHOICES, load_tokenizer
 
 SETTINGS_FILE = "sample_fid.json"
 # Settings that decide how the images are made but not which images they are (device and amp
 # change only the float arithmetic): left out of SETTINGS_FILE, so a run may be resumed with
 # another batch size, device or image count.
-_NOT_RECORDED = ("num_images", "batch_size", "output_dir", "device", "amp", "compile", "write_threads")
+_NOT_RECORDED = ("num_images", "batch_size", "output_dir", "device", "write_threads")
+_NOT_RECORDED_SAMPLING = ("amp", "compile")
 # Ranks meet after rank 0 prepares the folder, after listing it and loading the model, and after
 # sampling. Sampling is balanced to within one batch, so waits are short; the limit only has to
 # outlast loading the largest model.
@@ -59,39 +63,25 @@ _BARRIER_TIMEOUT = timedelta(hours=1)
 
 @dataclass
 class SampleFIDConfig:
-    """`scripts/sample_fid.py` (mirrored by `configs/sample_fid.yaml`).
-
-    Published settings (ImageNet 256x256, 64 steps, arccos schedule, constant guidance, 50k images):
-    ARPG-L `cfg=5.0` (FID about 2.38), ARPG-XL `cfg=6.0` (2.02), ARPG-XXL `cfg=7.5` (1.91).
-    The paper's cosine-schedule table used cfg 4.5 / 6.0 / 7.5 (FID 2.44 / 2.10 / 1.94).
-    """
+    """`scripts/sample_fid.py` (mirrored by `configs/sample_fid.yaml`; the sampling settings come
+    from the `configs/sampling/` group)."""
 
     checkpoint: str = "???"  # our .safetensors or a published arpg_*.pt
     weights: str = "default"  # default | model | ema
     tokenizer: str = "vq16"  # vq16: the VQ autoencoder in vq_ckpt | pixel_digits: 8x8 digits, 17 grey levels
     vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt, or our VQ .safetensors (any VQConfig; its config is stored)
     num_images: int = 50000  # image i has class i % num_classes
-    steps: int = 64
-    schedule: str = "arccos"  # arccos | cosine | linear | regions (needs a regions order and its step count)
-    order: str = "random"  # random | random_shared | raster | regions4 | regions16
-    cfg: float = 5.0  # 1: no guidance; see the class docstring for the published per-model values
-    cfg_schedule: str = "constant"  # constant | linear
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    causal_within_step: bool = False
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
     seed: int = 0
     batch_size: int = 64  # images per process per decode (the network sees twice that with guidance)
     output_dir: str = "samples/arpg"  # PNGs; the .npz goes next to it as <output_dir>.npz
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast for the transformer on CUDA (the tokenizer decodes in float32)
-    compile: bool = False  # torch.compile the decode step
     write_threads: int = 4  # PNG encoding threads, overlapping the writes with the next batch
 
 
 def image_seed(seed: int, index: int) -> int:
     """The seed of image `index`'s generator: a hash of (seed, index), 63 bits."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+    return derive_seed(seed, index)
 
 
 def image_path(output_dir: str | Path, index: int) -> Path:
@@ -163,11 +153,8 @@ def _generate_batches(model, tokenizer, batches: list[list[int]], config: Sample
         for indices in batches:
             labels = torch.tensor([i % num_classes for i in indices], device=device)
             generators = [torch.Generator().manual_seed(image_seed(config.seed, i)) for i in indices]
-            images = generate(model, labels, steps=config.steps, schedule=config.schedule, cfg=config.cfg,
-                              cfg_schedule=config.cfg_schedule, temperature=config.temperature,
-                              top_k=config.top_k, top_p=config.top_p, order=config.order, generator=generators,
-                              tokenizer=tokenizer, causal_within_step=config.causal_within_step,
-                              amp=config.amp, compile=config.compile)  # (B, C, H, W) in [-1, 1]
+            images = generate(model, labels, config.sampling, generator=generators,
+                              tokenizer=tokenizer)  # (B, C, H, W) in [-1, 1]
             pictures = tokenizer.to_pil(images)
             for future in writing:  # the previous batch; re-raises a failed write
                 future.result()
@@ -241,6 +228,7 @@ def _remove_stale_temporaries(output_dir: Path, npz: Path) -> None:
 
 def _recorded_settings(config: SampleFIDConfig) -> dict:
     settings = {k: v for k, v in asdict(config).items() if k not in _NOT_RECORDED}
+    settings["sampling"] = {k: v for k, v in settings["sampling"].items() if k not in _NOT_RECORDED_SAMPLING}
     for key in ("checkpoint", "vq_ckpt"):
         if settings[key]:
             settings[key] = str(Path(settings[key]).resolve())
@@ -251,11 +239,22 @@ def _check_settings(config: SampleFIDConfig, output_dir: Path) -> None:
     path = output_dir / SETTINGS_FILE
     if not path.is_file():
         return
-    recorded, current = json.loads(path.read_text()), _recorded_settings(config)
+    recorded, current = _flat(json.loads(path.read_text())), _flat(_recorded_settings(config))
     differ = [f"{k}={recorded.get(k)!r} there, {v!r} now" for k, v in current.items() if recorded.get(k) != v]
     if differ:
         raise ValueError(f"{output_dir} holds samples made with other settings ({'; '.join(differ)}); "
                          f"use another output_dir, or delete it to start over")
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """{"sampling": {"cfg": 2.0}} -> {"sampling.cfg": 2.0}."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def _write_settings(config: SampleFIDConfig, output_dir: Path) -> None:
@@ -273,9 +272,7 @@ def _setup_processes(device_name: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
+    device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -289,18 +286,13 @@ def _barrier(device: torch.device) -> None:
 
 
 def _validate(config: SampleFIDConfig) -> None:
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(message)
-
-    need(config.checkpoint not in ("", "???"), "checkpoint must be set (our .safetensors or a published arpg_*.pt)")
-    need(config.weights in WEIGHTS_CHOICES, f"weights must be one of {WEIGHTS_CHOICES}, got {config.weights!r}")
-    need(config.tokenizer in TOKENIZER_CHOICES,
-         f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")
-    need(config.num_images >= 1, f"num_images must be >= 1, got {config.num_images}")
-    need(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
-    need(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
-    need(config.write_threads >= 1, f"write_threads must be >= 1, got {config.write_threads}")
-    need(config.output_dir not in ("", "."), f"output_dir must name a folder of its own, got {config.output_dir!r}")
-    need(config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
-         f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    require(config.checkpoint not in ("", "???"), "checkpoint must be set (our .safetensors or a published arpg_*.pt)")
+    require(config.weights in WEIGHTS_CHOICES, f"weights must be one of {WEIGHTS_CHOICES}, got {config.weights!r}")
+    require(config.tokenizer in TOKENIZER_CHOICES,
+            f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")
+    require(config.num_images >= 1, f"num_images must be >= 1, got {config.num_images}")
+    require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+    require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
+    require(config.write_threads >= 1, f"write_threads must be >= 1, got {config.write_threads}")
+    require(config.output_dir not in ("", "."), f"output_dir must name a folder of its own, got {config.output_dir!r}")
+    resolve_device(config.device)

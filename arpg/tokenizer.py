@@ -25,24 +25,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from arpg.checkpoint import atomic_write, check_state_dict, load_weights
+from arpg.checkpoint import check_state_dict, load_weights
+from arpg.files import atomic_write
+from arpg.images import images_to_pil
 
 # LlamaGen allocates a 65536-entry usage counter regardless of the codebook size; it is in the
 # published state dict, so we keep it (it only changes while training the tokenizer, which we
 # never do).
 _CODEBOOK_USAGE_SLOTS = 65536
-
-
-def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, C, H, W) images in [-1, 1] with C in {1, 3} -> list of PIL images (mode L or RGB).
-
-    Uses the reference sampler's mapping clamp(127.5 * x + 128, 0, 255), truncated to uint8.
-    """
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (B, 1 or 3, H, W), got {tuple(images.shape)}")
-    pixels = (127.5 * images.detach().float() + 128).clamp(0, 255).to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
-    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
 
 
 def _check_token_range(tokens: torch.Tensor, codebook_size: int) -> None:

@@ -1,5 +1,5 @@
 """Sample quality against decoding steps on the digits: the CPU analogue of the paper's steps-vs-FID
-table (see `arpg.quality`).
+table (see `arpg.reports.quality`).
 
     python scripts/bench_quality.py                    # trains the default digits model first (< 5 min)
     python scripts/bench_quality.py checkpoint=runs/tiny_digits/model.safetensors
@@ -7,7 +7,7 @@ table (see `arpg.quality`).
 """
 
 from arpg.cli import hydra_main
-from arpg.quality import BenchQualityConfig, bench_quality
+from arpg.reports.quality import BenchQualityConfig, bench_quality
 
 if __name__ == "__main__":
     hydra_main(bench_quality, BenchQualityConfig, "bench_quality")

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from arpg import create_model
 from arpg.cli import to_dataclass
+from arpg.runtime import resolve_device
 from arpg.sample import generate
 
 
@@ -104,7 +105,7 @@ def _timed(fn, device: torch.device) -> tuple[float, float]:
 def bench_sample(config: BenchConfig) -> list[dict]:
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     T = config.grid * config.grid
     labels = torch.arange(config.batch, device=device) % config.num_classes
     rows = []

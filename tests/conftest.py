@@ -32,7 +32,7 @@ def arpg_layout() -> dict:
 @pytest.fixture()
 def golden_model(arpg_golden):
     """The tiny reference model with the golden weights, in eval mode."""
-    from arpg.model import ARPG, ARPGConfig
+    from arpg.models.arpg import ARPG, ARPGConfig
 
     fields = ARPGConfig.__dataclass_fields__
     model = ARPG(ARPGConfig(**{k: v for k, v in arpg_golden["config"].items() if k in fields}))

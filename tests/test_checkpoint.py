@@ -58,7 +58,7 @@ def test_published_size_is_recognised_from_shapes(name):
     with torch.device("meta"):
         state = create_model(name).state_dict()
     config = _infer_config(state, None, "published.pt")
-    assert config == {**MODEL_SIZES[name], "vocab_size": 16384, "num_classes": 1000}
+    assert config == {**MODEL_SIZES[name][1], "vocab_size": 16384, "num_classes": 1000}
 
 
 def test_wrong_shape_names_key_and_shapes(tmp_path):

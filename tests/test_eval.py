@@ -255,7 +255,7 @@ def test_wrong_weights_file_is_rejected_before_loading(tmp_path):
     with pytest.raises(ValueError, match="not the FID Inception-v3 state dict"):
         InceptionFeatures(path)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable PyTorch state dict"):
+    with pytest.raises(ValueError, match="not a readable PyTorch file"):
         InceptionFeatures(path)
 
 

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from arpg.model import ARPG, ARPGConfig, MODEL_SIZES, create_model, rope_2d
+from arpg.models import MODEL_SIZES, create_model
+from arpg.models.arpg import ARPGConfig
+from arpg.models.layers import rope_2d
 
 
 def _in_order(logits, order):

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from arpg import create_model
 from arpg.checkpoint import save
-from arpg.cli import CONFIG_DIR, register_schema, to_dataclass
+from arpg.cli import compose_config
 from arpg.data import digits_dataset
-from arpg.quality import BenchQualityConfig, bench_quality, digits_judge, sample_digits
+from arpg.quality import digits_judge, sample_digits
+from arpg.reports.quality import BenchQualityConfig, bench_quality
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,8 +105,7 @@ def test_bench_quality_reduced_run_writes_every_field(digits_model, tmp_path, ca
 
 def test_default_model_is_the_train_yaml_recipe(monkeypatch, tmp_path):
     """Without a checkpoint the bench trains configs/train.yaml's default digits run in train_dir."""
-    import arpg.train
-    from arpg.quality import _default_digits_model
+    import arpg.reports.quality
 
     seen = {}
 
@@ -114,18 +113,16 @@ def test_default_model_is_the_train_yaml_recipe(monkeypatch, tmp_path):
         seen["config"] = config
         raise RuntimeError("stop before training")
 
-    monkeypatch.setattr(arpg.train, "train", fake_train)
+    monkeypatch.setattr(arpg.reports.quality, "train", fake_train)
     with pytest.raises(RuntimeError, match="stop before training"):
-        _default_digits_model(str(tmp_path / "run"), torch.device("cpu"))
+        arpg.reports.quality.default_digits_model(str(tmp_path / "run"), torch.device("cpu"))
     config = seen["config"]
     assert config.out_dir == str(tmp_path / "run")
     assert (config.model.name, config.data.name, config.model.cls_rope) == ("ARPG-tiny", "digits", "identity")
 
 
 def test_yaml_mirrors_the_dataclass():
-    register_schema("bench_quality", BenchQualityConfig)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        assert to_dataclass(compose("bench_quality"), BenchQualityConfig) == BenchQualityConfig()
+    assert compose_config("bench_quality", BenchQualityConfig) == BenchQualityConfig()
 
 
 @pytest.mark.parametrize("overrides, name", [

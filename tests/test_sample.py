@@ -6,8 +6,11 @@ from PIL import Image
 
 import arpg.sample as sample
 from arpg import create_model
+from arpg.models.arpg import ARPGDecoder
 from arpg.orders import DecodePlan, decode_schedule, make_plan
-from arpg.sample import _cfg_scales, _decode, _generate_tokens, _draw_tokens, _Runtime, filter_logits
+from arpg.sample import SamplingOptions, filter_logits
+from arpg.sample.decode import cfg_scales, decode, decode_grid
+from arpg.sample.draw import TokenSampler, draw_tokens
 
 GRID = 4  # the random test model decodes 4x4 grids
 T = GRID * GRID
@@ -54,14 +57,14 @@ class _Recorder:
 # Golden reference
 
 
-def _golden_run(golden_model, arpg_golden, runtime=_Runtime()):
+def _golden_run(golden_model, arpg_golden, **runtime):
     kwargs = arpg_golden["generate_kwargs"]
     B = arpg_golden["labels"].shape[0]
     plan = DecodePlan(arpg_golden["gen_order"].expand(B, -1), tuple(arpg_golden["num_pred_per_step"]))
     fixed = arpg_golden["gen_fixed_tokens"]
     recorder = _Recorder(lambda slots, logits: fixed[:, slots])
-    out = _generate_tokens(golden_model, golden_model.class_ids(arpg_golden["labels"]), plan, recorder,
-                           kwargs["guidance_scale"], kwargs["cfg_schedule"], runtime, (GRID, GRID))
+    options = SamplingOptions(cfg=kwargs["guidance_scale"], cfg_schedule=kwargs["cfg_schedule"], **runtime)
+    out = decode_grid(golden_model, arpg_golden["labels"], plan, recorder, options)
     return out, recorder.logits
 
 
@@ -93,7 +96,7 @@ def test_golden_decode_steps_and_output(golden_model, arpg_golden, monkeypatch):
 
 
 def test_golden_without_cache_matches_too(golden_model, arpg_golden):
-    out, logits = _golden_run(golden_model, arpg_golden, _Runtime(use_cache=False))
+    out, logits = _golden_run(golden_model, arpg_golden, use_cache=False)
     for step, combined in zip(arpg_golden["decode_steps"], logits):
         assert (combined - step["logits"]).abs().max() <= 1e-4
     assert torch.equal(out.flatten(1), arpg_golden["generate_output"])
@@ -101,17 +104,18 @@ def test_golden_without_cache_matches_too(golden_model, arpg_golden):
 
 def test_causal_within_step_differs_from_golden(golden_model, arpg_golden):
     # The reference attends block-wise within a step; a causal mask moves the logits (README: >= 0.3).
-    _, logits = _golden_run(golden_model, arpg_golden, _Runtime(causal_within_step=True))
+    _, logits = _golden_run(golden_model, arpg_golden, causal_within_step=True)
     assert (logits[1] - arpg_golden["decode_steps"][1]["logits"]).abs().max() > 0.1
 
 
 def test_linear_cfg_scales_follow_published_formula():
     sizes = decode_schedule(256, 8, "arccos")
-    scales = _cfg_scales(4.0, "linear", sizes, known=0, total=256)
+    scales = cfg_scales(SamplingOptions(cfg=4.0, cfg_schedule="linear"), sizes, known=0, total=256)
     done = [sum(sizes[:i + 1]) for i in range(len(sizes))]
     assert scales == [1 + 3.0 * d / 256 for d in done]
     assert scales[-1] == 4.0
-    assert _cfg_scales(1.0, "linear", sizes, 0, 256) is None and _cfg_scales(None, "constant", sizes, 0, 256) is None
+    assert cfg_scales(SamplingOptions(cfg=1.0, cfg_schedule="linear"), sizes, 0, 256) is None
+    assert cfg_scales(SamplingOptions(cfg=None), sizes, 0, 256) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +136,15 @@ def test_cached_logits_equal_full_recomputation(model, causal, num_context):
     for use_cache in (True, False):
         recorder = _Recorder(lambda slots, logits: torch.randint(0, 16, logits.shape[:2],
                                                                  generator=torch.Generator().manual_seed(slots.start)))
-        _decode(model, model.class_ids(torch.tensor([0, 1, 3])), model.position_rope(target_pos),
-                decode_schedule(N, 4, "cosine"), recorder, [2.0] * 4,
-                _Runtime(causal_within_step=causal, use_cache=use_cache), **context)
+        sizes = decode_schedule(N, 4, "cosine")
+        options = SamplingOptions(cfg=2.0, causal_within_step=causal, use_cache=use_cache)
+
+        def make_engine(conditions, cache_dtype):
+            extra = dict(context, context_ids=context["context_ids"].repeat(2, 1)) if context else {}
+            return ARPGDecoder(model, conditions, model.position_rope(target_pos), sizes,
+                               causal_within_step=causal, use_cache=use_cache, cache_dtype=cache_dtype, **extra)
+
+        decode(model, torch.tensor([0, 1, 3]), make_engine, sizes, recorder, [2.0] * 4, options)
         runs.append(recorder.logits)
     for cached, recomputed in zip(*runs):
         torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=0)
@@ -145,7 +155,7 @@ def test_cache_allocated_once_and_loop_never_syncs(model, monkeypatch):
     new_cache = model.new_cache
     monkeypatch.setattr(model, "new_cache", lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1])
     plan = make_plan("random", 2, GRID, GRID, 8, "linear", torch.Generator().manual_seed(0))
-    sampler = sample._Sampler(torch.rand(2, T), top_k=5, top_p=0.8)
+    sampler = TokenSampler(torch.rand(2, T), top_k=5, top_p=0.8)
 
     def no_sync(*args, **kwargs):
         raise AssertionError("the decode loop read a value back from the device")
@@ -153,8 +163,7 @@ def test_cache_allocated_once_and_loop_never_syncs(model, monkeypatch):
     with monkeypatch.context() as patch:
         for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
             patch.setattr(torch.Tensor, name, no_sync)
-        _generate_tokens(model, model.class_ids(torch.tensor([0, 2])), plan, sampler, 3.0, "linear",
-                         _Runtime(), (GRID, GRID))
+        decode_grid(model, torch.tensor([0, 2]), plan, sampler, SamplingOptions(cfg=3.0, cfg_schedule="linear"))
     assert len(caches) == 1
     assert caches[0].self_k.shape[:4] == (2, 2 * 2, 4, 1 + T - plan.tokens_per_step[-1])
 
@@ -165,11 +174,11 @@ def test_cache_allocated_once_and_loop_never_syncs(model, monkeypatch):
 
 @pytest.mark.parametrize("schedule", ["arccos", "cosine", "linear"])
 def test_every_position_decoded_once_in_raster_output(model, schedule):
-    labels = model.class_ids(torch.tensor([0, 1, 2]))
+    labels = torch.tensor([0, 1, 2])
     for steps in range(1, T + 1):
         plan = make_plan("random", 3, GRID, GRID, steps, schedule, torch.Generator().manual_seed(steps))
         recorder = _Recorder(_slot_ids)
-        out = _generate_tokens(model, labels, plan, recorder, None, "constant", _Runtime(), (GRID, GRID))
+        out = decode_grid(model, labels, plan, recorder, SamplingOptions(cfg=None))
         assert [x.shape[1] for x in recorder.logits] == list(plan.tokens_per_step)
         assert len(recorder.logits) == steps
         # out[b, order[b, k]] == k: every slot written exactly once, at its raster position.
@@ -179,8 +188,7 @@ def test_every_position_decoded_once_in_raster_output(model, schedule):
 def test_raster_order_one_token_per_step_is_classic_ar(model):
     plan = make_plan("raster", 2, GRID, GRID, T, "arccos")
     assert plan.tokens_per_step == (1,) * T
-    out = _generate_tokens(model, model.class_ids(torch.tensor([0, 1])), plan, _slot_ids, 2.0, "constant",
-                           _Runtime(), (GRID, GRID))
+    out = decode_grid(model, torch.tensor([0, 1]), plan, _slot_ids, SamplingOptions(cfg=2.0))
     assert torch.equal(out.flatten(1), torch.arange(T).expand(2, -1))
 
 
@@ -209,15 +217,15 @@ def test_draw_tokens_matches_distribution_and_skips_zero_probability():
     probs = torch.tensor([0.0, 0.25, 0.0, 0.5, 0.25, 0.0])
     u = (torch.arange(400) + 0.5) / 400
     logits = probs.log() + 3.0  # any offset: the draw normalises
-    counts = torch.bincount(_draw_tokens(logits.repeat(400, 1), u), minlength=6)
+    counts = torch.bincount(draw_tokens(logits.repeat(400, 1), u), minlength=6)
     assert counts.tolist() == [0, 100, 0, 200, 100, 0]
     # the largest float32 below 1 must not fall off the end onto a zero-probability token
-    top = _draw_tokens(logits[None].clone(), torch.tensor([torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))]))
+    top = draw_tokens(logits[None].clone(), torch.tensor([torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))]))
     assert top.item() == 4
 
 
 def test_temperature_zero_is_greedy(model):
-    greedy = sample._Sampler(torch.rand(2, 8), temperature=0.0)
+    greedy = TokenSampler(torch.rand(2, 8), temperature=0.0)
     logits = torch.randn(2, 3, 16)
     assert torch.equal(greedy(slice(0, 3), logits), logits.argmax(-1))
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 from arpg import create_model
 from arpg.checkpoint import save
-from arpg.cli import CONFIG_DIR, register_schema, to_dataclass
+from arpg.cli import compose_config
 from arpg.eval import EvalConfig, evaluate_npz
+from arpg.sample import SamplingOptions
 from arpg.sample_fid import SETTINGS_FILE, SampleFIDConfig, image_path, image_seed, npz_path, sample_fid
 from arpg.tokenizer import VQConfig, VQTokenizer
 
@@ -53,7 +53,8 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
 
 def make_config(weights: dict[str, Path], output_dir: Path, **overrides) -> SampleFIDConfig:
-    settings = {**dict(num_images=20, steps=4, cfg=2.0, batch_size=4, device="cpu"), **overrides}
+    settings = {**dict(num_images=20, sampling=SamplingOptions(steps=4, cfg=2.0), batch_size=4, device="cpu"),
+                **overrides}
     return SampleFIDConfig(checkpoint=str(weights["checkpoint"]), vq_ckpt=str(weights["vq_ckpt"]),
                            output_dir=str(output_dir), **settings)
 
@@ -72,7 +73,7 @@ def test_two_processes_write_every_image_once_and_equal_one_process(weights, tmp
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(REPO / "scripts" / "sample_fid.py"), f"checkpoint={weights['checkpoint']}",
-                    f"vq_ckpt={weights['vq_ckpt']}", "num_images=20", "steps=4", "cfg=2.0", "batch_size=4",
+                    f"vq_ckpt={weights['vq_ckpt']}", "num_images=20", "sampling.steps=4", "sampling.cfg=2.0", "batch_size=4",
                     "device=cpu", f"output_dir={two_dir}"],
                    check=True, env=env, cwd=tmp_path, timeout=300)
 
@@ -139,9 +140,9 @@ def test_npz_reads_back_through_the_evaluator(weights, tmp_path):
 def test_other_settings_in_the_same_folder_are_refused(weights, tmp_path):
     config = make_config(weights, tmp_path / "s", num_images=2)
     sample_fid(config)
-    assert json.loads((tmp_path / "s" / SETTINGS_FILE).read_text())["cfg"] == 2.0
-    with pytest.raises(ValueError, match="cfg=2.0 there, 3.0 now"):
-        sample_fid(replace(config, cfg=3.0))
+    assert json.loads((tmp_path / "s" / SETTINGS_FILE).read_text())["sampling"]["cfg"] == 2.0
+    with pytest.raises(ValueError, match="sampling.cfg=2.0 there, 3.0 now"):
+        sample_fid(replace(config, sampling=config.sampling.replace(cfg=3.0)))
 
 
 def test_image_seeds_are_distinct_and_stable():
@@ -160,14 +161,8 @@ def test_bad_settings_name_the_parameter(weights, tmp_path, overrides, name):
         sample_fid(replace(make_config(weights, tmp_path / "x"), **overrides))
 
 
-def compose_config(name: str, schema: type, *overrides: str):
-    register_schema(name, schema)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return to_dataclass(compose(name, overrides=list(overrides)), schema)
-
-
 def test_yaml_configs_mirror_the_dataclasses():
-    assert compose_config("sample_fid", SampleFIDConfig, "checkpoint=x.pt") == SampleFIDConfig(checkpoint="x.pt")
+    assert compose_config("sample_fid", SampleFIDConfig, ["checkpoint=x.pt"]) == SampleFIDConfig(checkpoint="x.pt")
     assert compose_config("evaluate", EvalConfig) == EvalConfig()
     with pytest.raises(ConfigCompositionException, match="stepz"):
-        compose_config("sample_fid", SampleFIDConfig, "checkpoint=x.pt", "stepz=8")
+        compose_config("sample_fid", SampleFIDConfig, ["checkpoint=x.pt", "stepz=8"])

@@ -3,30 +3,38 @@
 One file, read top to bottom:
 
 * `ARPGConfig`: the hyper-parameters, named as in the published ModelArgs so configs map 1:1.
-* 2-D RoPE helpers: every content token is rotated by its own grid position, every query by the
-  grid position it must predict (its *target*).
 * `SelfDecoder` blocks (first half): causal self-attention over the content sequence
-  `[class, t_order[0], t_order[1], ...]`.
+  `[class, t_order[0], t_order[1], ...]`, each token rotated by the 2-D RoPE of its own position.
 * One shared K/V projected from the normalised self-decoder output (`shared_kv`).
 * `CrossDecoder` blocks (second half): content-free `target_queries` (the mask embedding, rotated
-  by the target position) attend causally to the shared K/V, so query k sees the class token and
-  the first k content tokens of the order and predicts the token at `order[k]`.
+  by the position it must predict) attend causally to the shared K/V, so query k sees the class
+  token and the first k content tokens of the order and predicts the token at `order[k]`.
+* `ARPG`: the model, its teacher-forced `forward`, and the cached step-wise entry points
+  (`new_cache`, `extend`, `predict`) that `ARPGDecoder` drives for the sampler.
 
 The module tree and parameter names equal the published implementation's, so its checkpoints load
-with `strict=True` (see `arpg.checkpoint`). The cached, step-wise entry points used by the sampler
-(`KVCache`, `ARPG.extend`, `ARPG.predict`) live here too, next to the layers they drive.
+with `strict=True` (see `arpg.checkpoint`). The shared math (RMSNorm, SwiGLU, RoPE, attention) is
+in `arpg.models.layers`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from arpg.condition import ClassCondition
+from arpg.errors import require
+from arpg.orders import DecodeRules
+from arpg.models.layers import (FeedForward, RMSNorm, apply_rope, attention, merge_heads, raster_rope, split_heads,
+                                swiglu_hidden_dim, write_cache)
 
 CLS_ROPE_CHOICES = ("zeros", "identity")
 
@@ -61,21 +69,18 @@ class ARPGConfig:
     cls_rope: str = "zeros"
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(msg)
-
         for name in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes", "multiple_of"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.n_layer % 2 == 0, f"n_layer must be even (half self-decoder, half cross-decoder), got {self.n_layer}")
-        need(self.dim % self.n_head == 0, f"dim must be divisible by n_head, got dim={self.dim}, n_head={self.n_head}")
-        need(self.head_dim % 4 == 0, f"dim // n_head must be a multiple of 4 for 2-D RoPE, got {self.head_dim}")
-        need(math.isqrt(self.block_size) ** 2 == self.block_size,
-             f"block_size must be a perfect square (a square token grid), got {self.block_size}")
-        need(self.cls_token_num == 1, f"cls_token_num must be 1 (as in the published model), got {self.cls_token_num}")
-        need(self.cls_rope in CLS_ROPE_CHOICES, f"cls_rope must be one of {CLS_ROPE_CHOICES}, got {self.cls_rope!r}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.n_layer % 2 == 0,
+                f"n_layer must be even (half self-decoder, half cross-decoder), got {self.n_layer}")
+        require(self.dim % self.n_head == 0, f"dim must be divisible by n_head, got dim={self.dim}, n_head={self.n_head}")
+        require(self.head_dim % 4 == 0, f"dim // n_head must be a multiple of 4 for 2-D RoPE, got {self.head_dim}")
+        require(math.isqrt(self.block_size) ** 2 == self.block_size,
+                f"block_size must be a perfect square (a square token grid), got {self.block_size}")
+        require(self.cls_token_num == 1, f"cls_token_num must be 1 (as in the published model), got {self.cls_token_num}")
+        require(self.cls_rope in CLS_ROPE_CHOICES, f"cls_rope must be one of {CLS_ROPE_CHOICES}, got {self.cls_rope!r}")
         for name in ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "class_dropout_prob"):
-            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+            require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -87,11 +92,7 @@ class ARPGConfig:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        """SwiGLU width: 2/3 * 4 * dim (times the multiplier), rounded up to `multiple_of`."""
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+        return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     # Embedding-table layout (published): [0, V) image tokens, V mask token (query input),
     # V + 1 + c class c, V + C + 1 null class (unconditional), V + C + 2 unused.
@@ -116,65 +117,8 @@ class ARPGConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2-D rotary position embedding
+# Blocks (the shared math is in arpg.models.layers; the names here are the published ones)
 # ---------------------------------------------------------------------------------------------
-
-def rope_2d(rows: Tensor, cols: Tensor, head_dim: int, base: float = 10000.0) -> Tensor:
-    """Rotation table for grid positions: (...,) rows and cols -> (..., head_dim // 2, 2) (cos, sin).
-
-    The first head_dim/4 rotation slots turn with the row index, the last head_dim/4 with the
-    column index, at frequencies base^(-2m / (head_dim/2)) for m < head_dim/4. Positions are
-    plain integers, so a grid larger than the training grid (outpainting, resolution expansion)
-    simply gets larger angles.
-    """
-    half = head_dim // 2
-    freqs = base ** (-torch.arange(0, half, 2, device=rows.device, dtype=torch.float32) / half)  # (head_dim/4,)
-    angles = torch.cat([rows.float()[..., None] * freqs, cols.float()[..., None] * freqs], dim=-1)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
-
-
-def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, T, H, D) by rope (B or 1, T, D/2, 2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).type_as(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layers
-# ---------------------------------------------------------------------------------------------
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 for stability under bf16, as the published model does.
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-class FeedForward(nn.Module):
-    """SwiGLU MLP without biases."""
-
-    def __init__(self, config: ARPGConfig):
-        super().__init__()
-        hidden = config.ffn_hidden_dim
-        self.w1 = nn.Linear(config.dim, hidden, bias=False)
-        self.w3 = nn.Linear(config.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, config.dim, bias=False)
-        self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
-
-
-def _split_heads(x: Tensor, n_head: int) -> Tensor:
-    return x.unflatten(-1, (n_head, -1))  # (B, T, dim) -> (B, T, H, D)
-
 
 class _AttentionOutput(nn.Module):
     """Scaled dot-product attention followed by the output projection (shared by both halves)."""
@@ -188,11 +132,8 @@ class _AttentionOutput(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, attn_mask: Optional[Tensor]) -> Tensor:
         # q (B, H, Tq, D), k/v (B, H, Tk, D)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-        )
-        return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
+        out = attention(q, k, v, is_causal, attn_mask, self.attn_dropout_p if self.training else 0.0)
+        return self.proj_drop(self.proj(merge_heads(out)))
 
 
 class SelfAttention(_AttentionOutput):
@@ -207,15 +148,11 @@ class SelfAttention(_AttentionOutput):
         """x (B, T, dim), rope (B|1, T, D/2, 2). With `cache` = (k_cache, v_cache, start), the new keys
         and values are written at [start, start + T) of the preallocated (B, H, S, D) buffers and
         the queries attend to everything written so far."""
-        q = apply_rope(_split_heads(self.to_q(x), self.n_head), rope).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(_split_heads(self.to_k(x), self.n_head), rope).transpose(1, 2)
-        v = _split_heads(self.to_v(x), self.n_head).transpose(1, 2)
+        q = apply_rope(split_heads(self.to_q(x), self.n_head), rope).transpose(1, 2)  # (B, H, T, D)
+        k = apply_rope(split_heads(self.to_k(x), self.n_head), rope).transpose(1, 2)
+        v = split_heads(self.to_v(x), self.n_head).transpose(1, 2)
         if cache is not None:
-            k_cache, v_cache, start = cache
-            end = start + x.shape[1]
-            k_cache[:, :, start:end] = k
-            v_cache[:, :, start:end] = v
-            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+            k, v = write_cache(k, v, *cache)
         return self._attend(q, k, v, is_causal, attn_mask)
 
 
@@ -228,7 +165,7 @@ class CrossAttention(_AttentionOutput):
 
     def forward(self, x: Tensor, shared_k: Tensor, shared_v: Tensor, target_rope: Tensor,
                 is_causal: bool = True) -> Tensor:
-        q = apply_rope(_split_heads(self.to_q(x), self.n_head), target_rope).transpose(1, 2)
+        q = apply_rope(split_heads(self.to_q(x), self.n_head), target_rope).transpose(1, 2)
         return self._attend(q, shared_k, shared_v, is_causal, None)
 
 
@@ -236,7 +173,7 @@ class SelfDecoder(nn.Module):
     def __init__(self, config: ARPGConfig):
         super().__init__()
         self.attn = SelfAttention(config)
-        self.ffn = FeedForward(config)
+        self.ffn = FeedForward(config.dim, config.ffn_hidden_dim, config.ffn_dropout_p)
         self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
 
@@ -249,7 +186,7 @@ class CrossDecoder(nn.Module):
     def __init__(self, config: ARPGConfig):
         super().__init__()
         self.attn = CrossAttention(config)
-        self.ffn = FeedForward(config)
+        self.ffn = FeedForward(config.dim, config.ffn_hidden_dim, config.ffn_dropout_p)
         self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
 
@@ -275,8 +212,8 @@ class GuidedDecoder(nn.Module):
         """Project the self-decoder output (B, T, dim) to the one K/V set all cross blocks read.
         K carries the content tokens' own positions. Returns (B, H, T, D) each."""
         x = self.norm(content)
-        k = apply_rope(_split_heads(self.to_k(x), self.n_head), rope).transpose(1, 2)
-        v = _split_heads(self.to_v(x), self.n_head).transpose(1, 2)
+        k = apply_rope(split_heads(self.to_k(x), self.n_head), rope).transpose(1, 2)
+        v = split_heads(self.to_v(x), self.n_head).transpose(1, 2)
         return k, v
 
 
@@ -301,10 +238,6 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def reset(self) -> None:
-        """Forget the content; the buffers are reused as they are."""
-        self.length = 0
-
 
 # ---------------------------------------------------------------------------------------------
 # The model
@@ -313,9 +246,14 @@ class KVCache:
 class ARPG(nn.Module):
     """Guided random-order autoregressive image generator (class-conditional)."""
 
+    family = "arpg"
+    # The published sampler's defaults; any order and schedule can be decoded.
+    decode_rules = DecodeRules(order="random", steps=64, schedule="arccos")
+
     def __init__(self, config: ARPGConfig):
         super().__init__()
         self.config = config
+        self.condition = ClassCondition(config.num_classes)
         self.embeddings = nn.Embedding(config.embedding_rows, config.dim)
         self.embed_drop = nn.Dropout(config.token_dropout_p)
         self.layers = GuidedDecoder(config)
@@ -333,12 +271,17 @@ class ARPG(nn.Module):
                 nn.init.ones_(module.weight)
         nn.init.zeros_(self.head.weight)
 
-    # -- positions ------------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The token grid (h, w) the model was trained on."""
+        return self.config.grid_size, self.config.grid_size
+
+    # -- positions and the condition --------------------------------------------------------------
 
     def position_rope(self, positions: Tensor, grid_width: Optional[int] = None) -> Tensor:
         """RoPE (..., D/2, 2) of raster positions r = row * grid_width + col (default: the training grid)."""
-        w = self.config.grid_size if grid_width is None else grid_width
-        return rope_2d(positions // w, positions % w, self.config.head_dim, self.config.rope_base)
+        width = self.config.grid_size if grid_width is None else grid_width
+        return raster_rope(positions, width, self.config.head_dim, self.config.rope_base)
 
     def class_rope(self, batch: int = 1, device: torch.device | str | None = None) -> Tensor:
         """RoPE (batch, 1, D/2, 2) of the class token: all zeros (published) or identity."""
@@ -348,8 +291,9 @@ class ARPG(nn.Module):
         return rope
 
     def class_ids(self, labels: Tensor) -> Tensor:
-        """Embedding ids (B,) of class labels; label -1 means the null (unconditional) class."""
-        return torch.where(labels < 0, self.config.null_class_id, labels + self.config.class_token_offset)
+        """Embedding ids (B,) of class labels; the null label (`ClassCondition.NULL`) is the unconditional class."""
+        return torch.where(labels == ClassCondition.NULL, self.config.null_class_id,
+                           labels + self.config.class_token_offset)
 
     # -- training forward -----------------------------------------------------------------------
 
@@ -370,32 +314,37 @@ class ARPG(nn.Module):
         device = tokens.device
         if order is None:
             order = torch.rand(B, T, device=device, generator=generator).argsort(dim=1)
-        class_ids = self.class_ids(labels)
-        if self.training and self.config.class_dropout_prob > 0:
-            drop = torch.rand(B, device=device, generator=generator) < self.config.class_dropout_prob
-            class_ids = torch.where(drop, self.config.null_class_id, class_ids)
+        if self.training:
+            labels = self.condition.drop(labels, self.config.class_dropout_prob, generator)
 
         tokens_in_order = tokens.gather(1, order)  # (B, T)
-        content_ids = torch.cat([class_ids[:, None], tokens_in_order[:, :-1]], dim=1)  # (B, T)
+        content_ids = torch.cat([self.class_ids(labels)[:, None], tokens_in_order[:, :-1]], dim=1)  # (B, T)
         order_rope = self.position_rope(order)  # (B, T, D/2, 2)
         content_rope = torch.cat([self.class_rope(B, device), order_rope[:, :-1]], dim=1)
 
-        content = self.embed_drop(self.embeddings(content_ids))
-        for block in self.layers.self_dec:
-            content = block(content, content_rope, is_causal=True)
-        shared_k, shared_v = self.layers.shared_kv(content, content_rope)
-        logits_in_order = self._guided_logits(B, T, shared_k, shared_v, order_rope, is_causal=True)
+        shared_k, shared_v = self.content_kv(content_ids, content_rope, is_causal=True)
+        logits_in_order = self.target_logits(shared_k, shared_v, order_rope, is_causal=True)
 
         loss = F.cross_entropy(logits_in_order.flatten(0, 1), tokens_in_order.flatten())
         logits = torch.empty_like(logits_in_order).scatter_(
             1, order[..., None].expand_as(logits_in_order), logits_in_order)
         return logits, loss
 
-    def _guided_logits(self, batch: int, num_queries: int, shared_k: Tensor, shared_v: Tensor,
-                       target_rope: Tensor, is_causal: bool) -> Tensor:
-        """Run `num_queries` content-free target queries through the cross half -> float32 logits."""
+    def content_kv(self, content_ids: Tensor, content_rope: Tensor, is_causal: bool = True,
+                   attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """The self half over a whole content sequence (B, L) -> the shared K/V, (B, H, L, D) each."""
+        content = self.embed_drop(self.embeddings(content_ids))
+        for block in self.layers.self_dec:
+            content = block(content, content_rope, is_causal=is_causal, attn_mask=attn_mask)
+        return self.layers.shared_kv(content, content_rope)
+
+    def target_logits(self, shared_k: Tensor, shared_v: Tensor, target_rope: Tensor, is_causal: bool) -> Tensor:
+        """The guided half: one content-free target query per row of `target_rope` (B, n, D/2, 2)
+        reads the shared K/V -> float32 logits (B, n, vocab_size)."""
+        batch, num_queries = shared_k.shape[0], target_rope.shape[1]
         mask_embedding = self.embeddings.weight[self.config.mask_token_id]
         target_queries = mask_embedding.expand(batch, num_queries, -1)
+        target_rope = target_rope.expand(batch, -1, -1, -1)
         for block in self.layers.cross_dec:
             target_queries = block(target_queries, shared_k, shared_v, target_rope, is_causal)
         return self.head(self.norm(target_queries)).float()
@@ -403,22 +352,21 @@ class ARPG(nn.Module):
     @torch.compiler.disable
     def _check_inputs(self, tokens: Tensor, labels: Tensor, order: Optional[Tensor]) -> tuple[int, int]:
         cfg = self.config
-        if tokens.ndim != 2 or tokens.shape[1] != cfg.block_size:
-            raise ValueError(f"tokens must have shape (B, {cfg.block_size}), got {tuple(tokens.shape)}")
+        require(tokens.ndim == 2 and tokens.shape[1] == cfg.block_size,
+                f"tokens must have shape (B, {cfg.block_size}), got {tuple(tokens.shape)}")
         B, T = tokens.shape
-        if tokens.dtype.is_floating_point or tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-            raise ValueError(f"tokens must be integers in [0, {cfg.vocab_size}) (vocab_size)")
-        check_labels(labels, cfg.num_classes, B)
+        require(not tokens.dtype.is_floating_point and bool(tokens.min() >= 0) and bool(tokens.max() < cfg.vocab_size),
+                f"tokens must be integers in [0, {cfg.vocab_size}) (vocab_size)")
+        self.condition.check(labels, batch=B)
         if order is not None:
-            if order.shape != (B, T) or order.dtype.is_floating_point:
-                raise ValueError(f"order must be an integer tensor of shape ({B}, {T}), got "
-                                 f"{order.dtype} {tuple(order.shape)}")
+            require(order.shape == (B, T) and not order.dtype.is_floating_point,
+                    f"order must be an integer tensor of shape ({B}, {T}), got {order.dtype} {tuple(order.shape)}")
             expected = torch.arange(T, device=order.device).expand(B, T)
-            if not torch.equal(order.sort(dim=1).values, expected):
-                raise ValueError(f"order must hold a permutation of 0..{T - 1} in every row")
+            require(torch.equal(order.sort(dim=1).values, expected),
+                    f"order must hold a permutation of 0..{T - 1} in every row")
         return B, T
 
-    # -- cached, step-wise inference (used by arpg.sample) --------------------------------------
+    # -- cached, step-wise inference (driven by ARPGDecoder) ------------------------------------
 
     def new_cache(self, batch: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> KVCache:
         """Preallocate a KV cache for `batch` sequences of up to `max_len` content positions
@@ -437,8 +385,7 @@ class ARPG(nn.Module):
         """
         start, n = cache.length, ids.shape[1]
         end = start + n
-        if end > cache.max_len:
-            raise ValueError(f"cache holds {cache.max_len} positions; feeding {n} after {start} overflows it")
+        require(end <= cache.max_len, f"cache holds {cache.max_len} positions; feeding {n} after {start} overflows it")
         attn_mask = None
         if causal and n > 1:
             # new token i sees cache[:start] and new tokens 0..i
@@ -448,8 +395,7 @@ class ARPG(nn.Module):
             x = block(x, rope, is_causal=False, attn_mask=attn_mask,
                       cache=(cache.self_k[i], cache.self_v[i], start))
         k, v = self.layers.shared_kv(x, rope)
-        cache.shared_k[:, :, start:end] = k
-        cache.shared_v[:, :, start:end] = v
+        write_cache(k, v, cache.shared_k, cache.shared_v, start)
         cache.length = end
 
     def predict(self, target_rope: Tensor, cache: KVCache) -> Tensor:
@@ -457,50 +403,117 @@ class ARPG(nn.Module):
         each query attending to all cached content. Queries never see one another, so a query's
         logits do not depend on how many run in parallel."""
         end = cache.length
-        k, v = cache.shared_k[:, :, :end], cache.shared_v[:, :, :end]
-        batch = k.shape[0]
-        return self._guided_logits(batch, target_rope.shape[1], k, v,
-                                   target_rope.expand(batch, -1, -1, -1), is_causal=False)
+        return self.target_logits(cache.shared_k[:, :, :end], cache.shared_v[:, :, :end], target_rope,
+                                  is_causal=False)
+
+    def decoder(self, conditions: Tensor, order: Tensor, tokens_per_step: Sequence[int],
+                grid: tuple[int, int], **runtime) -> ARPGDecoder:
+        """The step engine of one decode of whole grids along `order` (rows, T) (see `ARPGDecoder`)."""
+        return ARPGDecoder(self, conditions, self.position_rope(order, grid_width=grid[1]), tokens_per_step,
+                           **runtime)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def check_labels(labels: Tensor, num_classes: int, batch: Optional[int] = None) -> None:
-    """Raise ValueError unless labels is an integer (B,) tensor with values in [0, num_classes)."""
-    if labels.ndim != 1 or (batch is not None and labels.shape[0] != batch) or labels.dtype.is_floating_point:
-        want = f"({batch},)" if batch is not None else "(B,)"
-        raise ValueError(f"labels must be an integer tensor of shape {want}, got {labels.dtype} {tuple(labels.shape)}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must be class ids in [0, {num_classes}) (num_classes), "
-                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
-
-
 # ---------------------------------------------------------------------------------------------
-# Size registry
+# The step engine of the sampler
 # ---------------------------------------------------------------------------------------------
 
-MODEL_SIZES: dict[str, dict] = {
-    "ARPG-tiny": dict(n_layer=4, n_head=4, dim=128),
-    "ARPG-S": dict(n_layer=12, n_head=6, dim=384),
-    "ARPG-B": dict(n_layer=12, n_head=12, dim=768),
-    "ARPG-L": dict(n_layer=24, n_head=16, dim=1024),
-    "ARPG-XL": dict(n_layer=36, n_head=20, dim=1280),
-    "ARPG-XXL": dict(n_layer=48, n_head=24, dim=1536),
-}
+def _extend_and_predict(model: ARPG, cache: KVCache, ids: Optional[Tensor], rope: Optional[Tensor],
+                        target_rope: Tensor, causal: bool) -> Tensor:
+    """One cached step: feed ids (B, n) at their RoPE, then predict the targets -> (B, m, V)."""
+    if ids is not None:
+        model.extend(ids, rope, cache, causal=causal)
+    return model.predict(target_rope, cache)
 
 
-def model_config(name: str, **overrides) -> ARPGConfig:
-    """The `ARPGConfig` of a registered size with `overrides` applied."""
-    if name not in MODEL_SIZES:
-        raise ValueError(f"model name must be one of {sorted(MODEL_SIZES)}, got {name!r}")
-    unknown = set(overrides) - set(ARPGConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown ARPGConfig fields {sorted(unknown)}; allowed: {sorted(ARPGConfig.__dataclass_fields__)}")
-    return replace(ARPGConfig(**MODEL_SIZES[name]), **overrides)
+@functools.cache
+def _compiled_extend_and_predict() -> Callable[..., Tensor]:
+    return torch.compile(_extend_and_predict, dynamic=True)
 
 
-def create_model(name: str, **overrides) -> ARPG:
-    """Build a registered model size, e.g. `create_model("ARPG-L")` or
-    `create_model("ARPG-tiny", vocab_size=17, block_size=64, num_classes=10)`."""
-    return ARPG(model_config(name, **overrides))
+def _batch_rope(rope: Tensor, batch: int) -> Tensor:
+    """RoPE (1 or b, n, D/2, 2) -> (batch, n, D/2, 2), repeating a per-sample table for the guidance rows."""
+    return rope.expand(batch, -1, -1, -1) if rope.shape[0] == 1 else rope.repeat(batch // rope.shape[0], 1, 1, 1)
+
+
+class ARPGDecoder:
+    """The forward passes of one ARPG decode: call it with the tokens chosen at the previous step
+    (None at the first) and it returns the float32 logits (rows, n, V) of this step's targets.
+
+    Step 0 feeds the condition token alone (it sees only itself, as in training), then the
+    context tokens when editing; step s > 0 feeds the tokens chosen at step s - 1 at their own
+    positions, then one content-free query per target of step s reads everything fed so far.
+
+    Args:
+        conditions: (rows,) labels, `ClassCondition.NULL` for unconditional rows.
+        target_rope: (rows|b|1, N, D/2, 2) RoPE of the N positions to decode, in decode order.
+        tokens_per_step: how many targets each step predicts (sums to N).
+        context_ids, context_rope: (rows, K) known tokens and their RoPE, fed after the condition.
+        causal_within_step: tokens fed in one step attend causally (training-like) instead of
+            block-wise (published).
+        use_cache: False recomputes the whole prefix at every step with the attention pattern the
+            cache builds up (same logits, slow; for tests and benchmarks).
+        compile: torch.compile the cached step (dynamic shapes).
+        cache_dtype: dtype of the KV cache (default: the weights').
+    """
+
+    def __init__(self, model: ARPG, conditions: Tensor, target_rope: Tensor, tokens_per_step: Sequence[int],
+                 context_ids: Optional[Tensor] = None, context_rope: Optional[Tensor] = None,
+                 causal_within_step: bool = False, use_cache: bool = True, compile: bool = False,
+                 cache_dtype: Optional[torch.dtype] = None):
+        rows, device = conditions.shape[0], conditions.device
+        self.model, self.causal = model, causal_within_step
+        self.target_rope = _batch_rope(target_rope, rows)
+        self.ends = [sum(tokens_per_step[:i + 1]) for i in range(len(tokens_per_step))]
+        self.step = 0
+        prefill = [(model.class_ids(conditions)[:, None], model.class_rope(rows, device))]
+        if context_ids is not None and context_ids.shape[1]:
+            prefill.append((context_ids, _batch_rope(context_rope, rows)))
+        fed_slots = self.ends[-2] if len(self.ends) > 1 else 0  # the last step's tokens are never fed
+        max_len = sum(ids.shape[1] for ids, _ in prefill) + fed_slots
+        if use_cache:
+            self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
+            for ids, rope in prefill:
+                model.extend(ids, rope, self.cache, causal=self.causal)
+            self.step_fn = _compiled_extend_and_predict() if compile else _extend_and_predict
+        else:
+            self.cache = None
+            self.ids = torch.cat([ids for ids, _ in prefill] + [conditions.new_zeros(rows, fed_slots)], dim=1)
+            self.rope = torch.cat([rope for _, rope in prefill] + [self.target_rope[:, :fed_slots]], dim=1)
+            groups = [ids.shape[1] for ids, _ in prefill] + list(tokens_per_step[:-1])
+            self.visible = _visibility(groups, causal_within_step, device)  # (L, L)
+            self.length = max_len - fed_slots
+
+    def __call__(self, fed: Optional[Tensor]) -> Tensor:
+        start = self.ends[self.step - 1] if self.step else 0
+        end = self.ends[self.step]
+        targets = self.target_rope[:, start:end]
+        fed_rope = None
+        if fed is not None:
+            before = self.ends[self.step - 2] if self.step > 1 else 0
+            fed_rope = self.target_rope[:, before:start]
+        self.step += 1
+        if self.cache is not None:
+            return self.step_fn(self.model, self.cache, fed, fed_rope, targets, self.causal)
+        if fed is not None:
+            self.ids[:, self.length:self.length + fed.shape[1]] = fed
+            self.length += fed.shape[1]
+        L = self.length
+        k, v = self.model.content_kv(self.ids[:, :L], self.rope[:, :L], is_causal=False,
+                                     attn_mask=self.visible[:L, :L])
+        return self.model.target_logits(k, v, targets, is_causal=False)
+
+
+def _visibility(fed_per_call: Sequence[int], causal: bool, device: torch.device) -> Tensor:
+    """(L, L) bool: content i sees content j, for the L tokens fed in calls of `fed_per_call`
+    tokens each, as `extend` builds it: a token sees every earlier call and its own call
+    (block-wise), or within its call only itself and earlier tokens (causal)."""
+    call = torch.repeat_interleave(torch.arange(len(fed_per_call), device=device),
+                                   torch.tensor(fed_per_call, device=device), output_size=sum(fed_per_call))  # (L,)
+    earlier_call = call[None, :] < call[:, None]
+    same_call = call[None, :] == call[:, None]
+    if causal:
+        same_call &= torch.ones_like(same_call).tril()
+    return earlier_call | same_call

@@ -1,0 +1,210 @@
+"""The decode loop every model family shares, and `generate`.
+
+    model = load_model("arpg_300m.pt", device="cuda")
+    vq = VQTokenizer.from_checkpoint("vq_ds16_c2i.pt").cuda()
+    images = generate(model, [207, 360, 387, 974], steps=64, cfg=5.0, tokenizer=vq)  # (4, 3, 256, 256)
+
+How one decode runs (`decode`):
+
+* A `DecodePlan` (arpg.orders) fixes up front, as Python ints, which positions are predicted at
+  each step, so the step loop never reads a number back from the device.
+* The model's step engine (`model.decoder(...)`, e.g. `arpg.models.arpg.ARPGDecoder`) owns the
+  forward passes over a KV cache allocated once: called with the tokens chosen at the previous
+  step, it returns the logits of this step's positions.
+* Classifier-free guidance runs the conditional and the unconditional rows as one doubled batch
+  and mixes their logits as uncond + scale * (cond - uncond).
+* The tokens are chosen by a `TokenSampler` (arpg.sample.draw) with uniforms drawn once per call:
+  per generator part, the order, then one uniform per canvas position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from arpg.errors import require
+from arpg.orders import SCHEDULES, DecodePlan, DecodeRules, make_plan
+from arpg.sample.draw import TokenSampler
+from arpg.sample.options import SamplingOptions, resolve_options
+
+# choose(slots, logits): the tokens (B, n) for decode slots `slots` given their guided float32
+# logits (B, n, V), which it may overwrite. `TokenSampler` is the one used for sampling; the golden
+# tests plug in the reference's fixed tokens.
+Choose = Callable[[slice, Tensor], Tensor]
+# StepEngine(fed): the float32 logits (rows, n, V) of the next step's positions, given the tokens
+# (rows, m) chosen at the previous step (None at the first step).
+StepEngine = Callable[[Optional[Tensor]], Tensor]
+Generators = Optional[torch.Generator | Sequence[torch.Generator]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness and guidance
+# ---------------------------------------------------------------------------------------------
+
+def split_generators(generator: Generators, batch: int) -> list[tuple[int, Optional[torch.Generator]]]:
+    """[(rows, generator)] covering the batch: one part for one generator, one per sample for a list."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [(batch, generator)]
+    generators = list(generator)
+    require(len(generators) == batch and all(isinstance(g, torch.Generator) for g in generators),
+            f"generator must be a torch.Generator, None, or a list of {batch} generators (one per sample), "
+            f"got {len(generators)} items")
+    return [(1, g) for g in generators]
+
+
+def draw_uniforms(parts: list[tuple[int, Optional[torch.Generator]]], num: int, device: torch.device) -> Tensor:
+    """(B, num) uniforms, each part drawn from its own generator (on the generator's device)."""
+    draws = [torch.rand(rows, num, generator=g, device=g.device if g is not None else device) for rows, g in parts]
+    return torch.cat(draws).to(device)
+
+
+def cfg_scales(options: SamplingOptions, tokens_per_step: Sequence[int], known: int, total: int
+               ) -> Optional[list[float]]:
+    """Guidance scale of each step, or None when there is no guidance.
+
+    "linear" (published ARPG) ramps 1 + (cfg - 1) * (tokens determined after this step) / total;
+    with `known` context tokens (editing) those count as determined from the start.
+    """
+    if not options.guided:
+        return None
+    if options.cfg_schedule == "constant":
+        return [float(options.cfg)] * len(tokens_per_step)
+    scales, done = [], known
+    for n in tokens_per_step:
+        done += n
+        scales.append(1.0 + (options.cfg - 1.0) * done / total)
+    return scales
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, torch.dtype], StepEngine],
+           tokens_per_step: Sequence[int], choose: Choose, scales: Optional[Sequence[float]],
+           options: SamplingOptions, progress: bool = False) -> Tensor:
+    """Decode N = sum(tokens_per_step) tokens for each of B samples -> (B, N) in decode-slot order.
+
+    Args:
+        conditions: (B,) the samples' conditions (class labels).
+        make_engine: (row conditions (rows,), cache dtype) -> the model's step engine; rows = 2B
+            with guidance (conditional rows, then unconditional ones), else B.
+        tokens_per_step: how many slots each step predicts.
+        choose: picks the tokens of each step from the guided logits (see `Choose`).
+        scales: guidance scale per step (`cfg_scales`), or None for no guidance.
+    """
+    B, N, device = conditions.shape[0], sum(tokens_per_step), conditions.device
+    guided = scales is not None
+    if guided:
+        conditions = torch.cat([conditions, model.condition.unconditional(conditions)])
+    chosen = torch.empty(conditions.shape[0], N, dtype=torch.long, device=device)  # both halves feed the same
+    use_amp = options.amp and device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        engine = make_engine(conditions, torch.bfloat16 if use_amp else next(model.parameters()).dtype)
+        start, fed = 0, None
+        for step, n in enumerate(tqdm(tokens_per_step, desc="decoding", unit="step", leave=False,
+                                      disable=not progress)):
+            end = start + n
+            logits = engine(fed)  # (rows, n, V) float32
+            if guided:  # uncond + (cond - uncond) * scale, in place in the cond rows
+                logits = logits[:B].sub_(logits[B:]).mul_(scales[step]).add_(logits[B:])
+            tokens = choose(slice(start, end), logits)  # (B, n)
+            chosen[:B, start:end] = tokens
+            if guided:
+                chosen[B:, start:end] = tokens
+            fed = chosen[:, start:end]
+            start = end
+    return chosen[:B]
+
+
+def resolve_decoding(rules: DecodeRules, options: SamplingOptions) -> tuple[Any, Optional[int], Any]:
+    """(order, steps, schedule): the options', or the family's own where the options leave them
+    None. Steps stay None for a schedule that fixes them (an explicit list, "regions")."""
+    order = rules.order if options.order is None else options.order
+    schedule = rules.schedule if options.schedule is None else options.schedule
+    steps = options.steps
+    if steps is None and isinstance(schedule, str) and schedule in SCHEDULES:
+        steps = rules.steps
+    return order, steps, schedule
+
+
+def decode_plan(model: nn.Module, options: SamplingOptions, batch: int,
+                parts: list[tuple[int, Optional[torch.Generator]]], device: torch.device) -> DecodePlan:
+    """The plan of a whole-grid decode: the options' order, steps and schedule, or the model
+    family's own where they are None (`model.decode_rules`); a random order comes from each
+    generator part."""
+    rules = model.decode_rules
+    h, w = model.grid
+    order, steps, schedule = resolve_decoding(rules, options)
+    if rules.fixed:
+        name = type(model).__name__
+        require(options.order is None or (isinstance(options.order, str) and options.order == rules.order),
+                f"order: {name} decodes only in its own order ({rules.order!r}); leave order unset")
+        require(options.schedule is None or options.schedule == rules.schedule,
+                f"schedule: {name} decodes with its own schedule ({rules.schedule!r}); leave schedule unset")
+    if isinstance(order, Tensor) or len(parts) == 1:
+        plan = make_plan(order, batch, h, w, steps, schedule, parts[0][1] if len(parts) == 1 else None, device)
+    else:
+        plans = [make_plan(order, rows, h, w, steps, schedule, g, device) for rows, g in parts]
+        plan = DecodePlan(torch.cat([p.order for p in plans]), plans[0].tokens_per_step)
+    require(not rules.fixed or options.steps is None or options.steps == plan.num_steps,
+            f"steps: {type(model).__name__} decodes in {plan.num_steps} steps here; leave steps unset")
+    return plan
+
+
+def generate(model: nn.Module, labels: Sequence[int] | Tensor, options: Optional[SamplingOptions] = None, *,
+             generator: Generators = None, tokenizer: Any = None, progress: bool = False,
+             **overrides: Any) -> Tensor:
+    """Sample one image per label.
+
+    Args:
+        model: a model of any family (eval mode); its device decides where sampling runs.
+        labels: B class ids in [0, num_classes).
+        options: the `SamplingOptions` (default: `SamplingOptions()`); keyword `overrides` replace
+            single fields, e.g. `generate(model, labels, steps=8, cfg=3.0)`.
+        generator: a torch.Generator, or a list of B generators (one per sample: then sample b's
+            order and noise come from generator[b] alone, so batching does not change results).
+        tokenizer: when given, decode the tokens to images.
+        progress: a tqdm bar over the steps.
+    Returns:
+        tokens (B, h, w) in raster order, or images (B, C, H, W) in [-1, 1] with a tokenizer.
+    """
+    options = resolve_options(options, overrides)
+    check_tokenizer(model, tokenizer)
+    device = next(model.parameters()).device
+    labels = model.condition.check(labels, device=device)
+    B, (h, w) = labels.shape[0], model.grid
+    parts = split_generators(generator, B)
+    plan = decode_plan(model, options, B, parts, device)
+    uniforms = draw_uniforms(parts, h * w, device).gather(1, plan.order)  # one per position, in decode order
+    sampler = TokenSampler(uniforms, options.temperature, options.top_k, options.top_p)
+    tokens = decode_grid(model, labels, plan, sampler, options, progress)
+    return tokenizer.decode(tokens) if tokenizer is not None else tokens
+
+
+def decode_grid(model: nn.Module, labels: Tensor, plan: DecodePlan, choose: Choose, options: SamplingOptions,
+                progress: bool = False) -> Tensor:
+    """Decode whole grids along `plan`, choosing each step's tokens with `choose` -> (B, h, w) in
+    raster order. (`generate` with the token draw made explicit; tests plug in fixed tokens.)"""
+    h, w = model.grid
+    runtime = dict(causal_within_step=options.causal_within_step, use_cache=options.use_cache,
+                   compile=options.compile)
+
+    def make_engine(conditions: Tensor, cache_dtype: torch.dtype) -> StepEngine:
+        return model.decoder(conditions, plan.order, plan.tokens_per_step, (h, w), cache_dtype=cache_dtype, **runtime)
+
+    scales = cfg_scales(options, plan.tokens_per_step, known=0, total=h * w)
+    in_order = decode(model, labels, make_engine, plan.tokens_per_step, choose, scales, options, progress)
+    return torch.empty_like(in_order).scatter_(1, plan.order, in_order).view(-1, h, w)
+
+
+def check_tokenizer(model: nn.Module, tokenizer: Any) -> None:
+    """Raise unless `tokenizer` (when given) has as many codes as the model's vocabulary."""
+    require(tokenizer is None or tokenizer.codebook_size == model.config.vocab_size,
+            f"tokenizer has {getattr(tokenizer, 'codebook_size', '?')} codes but the model's vocab_size is "
+            f"{model.config.vocab_size}; pass the tokenizer the model was trained on")

@@ -1,0 +1,184 @@
+"""Zero-shot editing with ARPG: inpainting, outpainting and resolution expansion.
+
+Because an ARPG model can be asked for any set of positions, the known tokens are simply fed as
+context after the condition token and the unknown positions are decoded as targets, with the
+same decode loop as `generate`. Larger canvases use extended 2-D RoPE (`outpaint`) or position
+interpolation (`expand`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from arpg.errors import require
+from arpg.models.arpg import ARPG, ARPGDecoder
+from arpg.models.layers import rope_2d
+from arpg.orders import decode_schedule, make_order, random_order
+from arpg.sample.decode import (Generators, StepEngine, cfg_scales, check_tokenizer, decode, draw_uniforms,
+                                resolve_decoding, split_generators)
+from arpg.sample.draw import TokenSampler
+from arpg.sample.options import SamplingOptions, resolve_options
+
+
+def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int] | Tensor,
+            options: Optional[SamplingOptions] = None, *, generator: Generators = None, tokenizer: Any = None,
+            position_scale: float = 1.0, progress: bool = False, **overrides: Any) -> Tensor:
+    """Regenerate the tokens outside `keep_mask`, conditioned on the kept ones (zero-shot).
+
+    The kept tokens enter as context, fed in one call right after the class token, in a random
+    order, and attending to each other block-wise like the tokens of any decode step (causally
+    with `causal_within_step`). Block-wise context predicted the hidden tokens slightly better
+    than a causal (training-like) prefix: on the 8x8 digits, hiding 25/50/75% of the pixels,
+    the NLL of the true tokens was 0.1-0.9% lower, consistently over two seeds. The unknown
+    positions are then decoded as queries, `steps` steps of `schedule` over the number of
+    unknown tokens (steps is capped at that number). Kept tokens are never predicted, sampled or
+    changed.
+
+    The canvas may be larger than the training grid (see `outpaint`): position (r, c) gets the
+    2-D RoPE of (r, c) * position_scale, whatever the canvas size.
+
+    Samples whose masks leave different numbers of unknown tokens are decoded in separate batched
+    runs, one per count. Their noise is drawn per canvas position up front, so the grouping
+    changes no sample's draws.
+
+    Args:
+        tokens: (B, H, W) token grid; values outside keep_mask are ignored.
+        keep_mask: bool (B, H, W) or (H, W), True where a token is kept.
+        labels: B class ids.
+        options, overrides: the `SamplingOptions`, as in `generate`; `order` orders the unknown
+            positions (a name, or a permutation of the H * W canvas positions, restricted to the
+            unknown ones); unset steps, schedule and order are ARPG's own (64, arccos, random).
+        position_scale: factor from canvas coordinates to RoPE coordinates (`expand` uses 1/factor).
+        generator, tokenizer, progress: as in `generate`.
+    Returns:
+        tokens (B, H, W), or images with a tokenizer.
+    """
+    options = resolve_options(options, overrides)
+    require(isinstance(model, ARPG), f"model: editing needs an ARPG model (any position can be queried), "
+                                     f"got {type(model).__name__}")
+    check_tokenizer(model, tokenizer)
+    device = model.head.weight.device
+    labels = model.condition.check(labels, device=device)
+    B = labels.shape[0]
+    tokens, known = _check_canvas(model, tokens, keep_mask, B)
+    H, W = tokens.shape[1:]
+    order, steps, schedule = resolve_decoding(model.decode_rules, options)
+    require(options.steps is None or options.steps <= H * W, f"steps must be in [1, {H * W}] (canvas tokens), "
+                                                             f"got {options.steps}")
+    require(position_scale > 0, f"position_scale must be > 0, got {position_scale}")
+
+    # All randomness up front, per generator part: a random context order, the decode order
+    # (both as ranks over canvas positions) and one uniform per canvas position.
+    parts = split_generators(generator, B)
+    context_rank = _ranks(torch.cat([random_order(rows, H * W, g, device) for rows, g in parts]))
+    if isinstance(order, Tensor):
+        order_rank = _ranks(make_order(order, B, H, W, device=device))
+    else:
+        order_rank = _ranks(torch.cat([make_order(order, rows, H, W, g, device) for rows, g in parts]))
+    uniforms = draw_uniforms(parts, H * W, device)
+    coordinates = torch.arange(H * W, device=device)
+    rope = rope_2d((coordinates // W) * position_scale, (coordinates % W) * position_scale,
+                   model.config.head_dim, model.config.rope_base)  # (H*W, D/2, 2)
+
+    tokens, known = tokens.flatten(1).clone(), known.flatten(1)  # (B, H*W)
+    unknown_counts = (~known).sum(1)  # (B,)
+    for N in sorted(set(unknown_counts.tolist()) - {0}):
+        rows = (unknown_counts == N).nonzero().flatten()
+        K = H * W - N
+        # ranks < H*W, so sorting on H*W * flag + rank puts the known positions first in
+        # random-context order, or the unknown ones first in decode order.
+        context_pos = (H * W * (~known[rows]).long() + context_rank[rows]).argsort(dim=1)[:, :K]  # (G, K)
+        target_pos = (H * W * known[rows].long() + order_rank[rows]).argsort(dim=1)[:, :N]  # (G, N)
+        tokens_per_step = decode_schedule(N, min(steps, N) if steps is not None else None, schedule)
+        context_ids = tokens[rows].gather(1, context_pos)
+
+        def make_engine(conditions: Tensor, cache_dtype: torch.dtype) -> StepEngine:
+            repeat = conditions.shape[0] // context_ids.shape[0]  # 2 with guidance: the same context
+            return ARPGDecoder(model, conditions, rope[target_pos], tokens_per_step,
+                               context_ids=context_ids.repeat(repeat, 1), context_rope=rope[context_pos],
+                               causal_within_step=options.causal_within_step, use_cache=options.use_cache,
+                               compile=options.compile, cache_dtype=cache_dtype)
+
+        sampler = TokenSampler(uniforms[rows].gather(1, target_pos), options.temperature, options.top_k, options.top_p)
+        scales = cfg_scales(options, tokens_per_step, known=K, total=H * W)
+        new = decode(model, labels[rows], make_engine, tokens_per_step, sampler, scales, options, progress)
+        tokens[rows] = tokens[rows].scatter(1, target_pos, new)
+    tokens = tokens.view(B, H, W)
+    return tokenizer.decode(tokens) if tokenizer is not None else tokens
+
+
+def outpaint(model: ARPG, tokens: Tensor, labels: Sequence[int] | Tensor, size: tuple[int, int],
+             offset: Optional[tuple[int, int]] = None, options: Optional[SamplingOptions] = None,
+             **kwargs: Any) -> Tensor:
+    """Place `tokens` (B, h, w) on a larger (H, W) = `size` canvas at `offset` (top, left; default
+    centred) and generate everything around them; the canvas may exceed the training grid
+    (e.g. 8x32 tokens from an 8x8 digits model). `options` and `kwargs` are `inpaint`'s.
+
+    Method: extended 2-D RoPE, the whole canvas in one decode. RoPE is relative, so every query
+    still sees its neighbours at the offsets it was trained on; only the sequence gets longer.
+    Overlapping training-sized windows were tried as well: on the 8x8 digits they left
+    half-drawn strokes at every window seam, while one pass drew whole, evenly spaced digits
+    (a window only sees half of its neighbour, and never what lies beyond).
+    """
+    require(tokens.ndim == 3, f"tokens must have shape (B, h, w), got {tuple(tokens.shape)}")
+    B, h, w = tokens.shape
+    H, W = size
+    require(H >= h and W >= w, f"size must be at least the tokens' grid ({h}, {w}), got {tuple(size)}")
+    top, left = offset if offset is not None else ((H - h) // 2, (W - w) // 2)
+    require(0 <= top <= H - h and 0 <= left <= W - w,
+            f"offset must be in [0, {H - h}] x [0, {W - w}] to fit the tokens, got {(top, left)}")
+    canvas = tokens.new_zeros(B, H, W)
+    canvas[:, top:top + h, left:left + w] = tokens
+    keep = torch.zeros(H, W, dtype=torch.bool, device=tokens.device)
+    keep[top:top + h, left:left + w] = True
+    return inpaint(model, canvas, keep, labels, options, **kwargs)
+
+
+def expand(model: ARPG, tokens: Tensor, labels: Sequence[int] | Tensor, factor: int = 2,
+           options: Optional[SamplingOptions] = None, **kwargs: Any) -> Tensor:
+    """Resolution expansion: a (B, factor*h, factor*w) grid that contains the low-resolution grid
+    `tokens` (B, h, w) at every factor-th position, (i, j) -> (factor*i, factor*j), the rest
+    generated. `options` and `kwargs` are `inpaint`'s (except position_scale).
+
+    Method: position interpolation. The fine grid's RoPE coordinates are its positions divided
+    by `factor`, so every low-resolution token keeps exactly the coordinates it has in the
+    training grid (the context is one whole in-distribution image) and the new tokens sit at the
+    fractional coordinates between them. On the 8x8 digits this gives smooth 16x16 digits;
+    extended RoPE (integer coordinates on the big grid) or training-sized windows make every
+    window a zoomed crop that looks like no training image, and produce stripes of noise.
+    """
+    require(tokens.ndim == 3, f"tokens must have shape (B, h, w), got {tuple(tokens.shape)}")
+    require(isinstance(factor, int) and factor >= 1, f"factor must be an int >= 1, got {factor!r}")
+    B, h, w = tokens.shape
+    canvas = tokens.new_zeros(B, factor * h, factor * w)
+    canvas[:, ::factor, ::factor] = tokens
+    keep = torch.zeros(factor * h, factor * w, dtype=torch.bool, device=tokens.device)
+    keep[::factor, ::factor] = True
+    return inpaint(model, canvas, keep, labels, options, position_scale=1.0 / factor, **kwargs)
+
+
+def _check_canvas(model: ARPG, tokens: Tensor, keep_mask: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Validate tokens (B, H, W) and keep_mask (B, H, W) or (H, W) -> both (B, H, W) on the model's device."""
+    device = model.head.weight.device
+    require(isinstance(tokens, Tensor) and tokens.ndim == 3 and tokens.shape[0] == batch
+            and not tokens.dtype.is_floating_point,
+            f"tokens must be an integer tensor of shape ({batch}, H, W) (one grid per label), "
+            f"got {getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+    H, W = tokens.shape[1:]
+    require(isinstance(keep_mask, Tensor) and keep_mask.dtype == torch.bool and keep_mask.shape in ((batch, H, W), (H, W)),
+            f"keep_mask must be a bool tensor of shape ({batch}, {H}, {W}) or ({H}, {W}), got "
+            f"{getattr(keep_mask, 'dtype', type(keep_mask).__name__)} {tuple(getattr(keep_mask, 'shape', ()))}")
+    tokens, known = tokens.to(device).long(), keep_mask.to(device).expand(batch, H, W)
+    kept = tokens[known]
+    require(not kept.numel() or bool(kept.min() >= 0) and bool(kept.max() < model.config.vocab_size),
+            f"tokens must be in [0, {model.config.vocab_size}) (vocab_size) where keep_mask is True")
+    return tokens, known
+
+
+def _ranks(order: Tensor) -> Tensor:
+    """order (B, T) of positions -> rank (B, T): rank[b, p] = index of position p in order[b]."""
+    return order.argsort(dim=1)

@@ -1,0 +1,103 @@
+"""`SamplingOptions`: the one place that defines, documents and validates how to sample.
+
+`generate`, `inpaint`, the scripts (`configs/sampling/`), training's sample grids, FID sampling and
+the benchmarks all take one of these; a new sampling setting is added here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import Tensor
+
+from arpg.errors import require
+from arpg.orders import ORDERS, SCHEDULES
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class SamplingOptions:
+    """How to sample. `None` for `steps`, `schedule` and `order` means the model family's own
+    decoding (ARPG: 64 steps, arccos, random order, as published; LlamaGen: raster, one token per
+    step; PAR: its regions, n tokens per step).
+
+    Attributes:
+        steps: decoding steps, in [1, T] for T tokens per image.
+        schedule: tokens per step: "arccos" (published ARPG), "cosine", "linear", "regions" (the
+            natural schedule of a regions order), or an explicit list of ints summing to T.
+        order: "random" (a permutation per sample), "random_shared", "raster", "regions4",
+            "regions16", or (from Python) a permutation tensor (T,) or (B, T).
+        cfg: classifier-free guidance scale; None or 1 turn guidance off (no doubled batch);
+            0 samples the unconditional rows alone. Logits are uncond + s * (cond - uncond).
+        cfg_schedule: "constant" (s = cfg) or "linear" (s = 1 + (cfg - 1) * determined / T, where
+            determined counts the known and decoded tokens after the step; published ARPG).
+        temperature: logits are divided by it; 0 is greedy decoding.
+        top_k, top_p: logit filters (see `arpg.sample.draw.filter_logits`); 0 and 1 disable them.
+        causal_within_step: tokens fed in one step attend causally (training-like) instead of
+            block-wise (published, better at few steps). ARPG only.
+        use_cache: False recomputes the whole prefix at every step (same result, slow; benchmarks).
+        amp: bf16 autocast and a bf16 KV cache when the model is on CUDA.
+        compile: torch.compile the per-step function.
+    """
+
+    steps: Optional[int] = None
+    schedule: Any = None
+    order: Any = None
+    cfg: Optional[float] = 4.0
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    causal_within_step: bool = False
+    use_cache: bool = True
+    amp: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.steps is None or (isinstance(self.steps, int) and not isinstance(self.steps, bool)
+                                       and self.steps >= 1),
+                f"steps must be an int >= 1 or None (the model's own), got {self.steps!r}")
+        require(self.schedule is None or self.schedule in (*SCHEDULES, "regions") or _is_int_list(self.schedule),
+                f"schedule must be one of {[*SCHEDULES, 'regions']}, a list of ints or None, got {self.schedule!r}")
+        require(self.order is None or isinstance(self.order, Tensor) or self.order in ORDERS,
+                f"order must be one of {sorted(ORDERS)}, a permutation tensor or None, got {self.order!r}")
+        require(self.cfg is None or self.cfg >= 0, f"cfg must be >= 0 (1 or None: no guidance), got {self.cfg}")
+        require(self.cfg_schedule in CFG_SCHEDULES,
+                f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+        require(self.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        require(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether guidance runs (a doubled batch of conditional and unconditional rows)."""
+        return self.cfg is not None and self.cfg != 1.0
+
+    def __str__(self) -> str:
+        """The settings that differ from the defaults, e.g. "steps=8 schedule=cosine temperature=0.7"."""
+        default = SamplingOptions()
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if not isinstance(getattr(self, f.name), Tensor) and getattr(self, f.name) != getattr(default, f.name)]
+        return " ".join(changed) or "defaults"
+
+    def replace(self, **overrides: Any) -> SamplingOptions:
+        """A copy with `overrides` applied (validated; an unknown name is an error naming it)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
+        require(not unknown, f"unknown sampling options {unknown}; allowed: {sorted(fields)}")
+        return dataclasses.replace(self, **overrides)
+
+
+def resolve_options(options: Optional[SamplingOptions], overrides: dict[str, Any]) -> SamplingOptions:
+    """`options` (default `SamplingOptions()`) with keyword `overrides` applied."""
+    require(options is None or isinstance(options, SamplingOptions),
+            f"options must be a SamplingOptions or None, got {type(options).__name__}")
+    options = options or SamplingOptions()
+    return options.replace(**overrides) if overrides else options
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)

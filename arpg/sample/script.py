@@ -1,0 +1,47 @@
+"""`scripts/sample.py`: a PNG grid of class-conditional samples from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from arpg.checkpoint import load_model
+from arpg.images import save_grid
+from arpg.runtime import resolve_device
+from arpg.sample.decode import generate
+from arpg.sample.options import SamplingOptions
+from arpg.tokenizer import load_tokenizer
+
+
+@dataclass
+class SampleConfig:
+    """`scripts/sample.py` (mirrored by `configs/sample.yaml`; the sampling settings come from the
+    `configs/sampling/` group)."""
+
+    checkpoint: str = "???"  # our .safetensors or a published checkpoint
+    weights: str = "default"  # default | model | ema
+    tokenizer: str = "vq16"  # vq16 (needs vq_ckpt) | pixel_digits (8x8 digits, 17 grey levels)
+    vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt when tokenizer=vq16
+    classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
+    samples_per_class: int = 1
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output: str = "samples/grid.png"
+    nrow: int = 8
+    scale: int = 1  # enlarge each image (nearest) in the PNG, e.g. 8 for 8x8 digits
+
+
+def sample_images(config: SampleConfig) -> Path:
+    """Load the model and tokenizer, sample `samples_per_class` images per class, write the grid."""
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
+    model = load_model(config.checkpoint, weights=config.weights, device=device)
+    labels = [c for c in config.classes for _ in range(config.samples_per_class)]
+    images = generate(model, labels, config.sampling, generator=torch.Generator().manual_seed(config.seed),
+                      tokenizer=tokenizer, progress=True)
+    path = save_grid(images, config.output, nrow=config.nrow, scale=config.scale)
+    print(f"wrote {len(labels)} samples ({config.sampling}) to {path.resolve()}")
+    return path
