@@ -1,8 +1,10 @@
-"""Reading and writing model weights.
+"""Reading and writing model weights, for every model family.
 
-* `save(model, path)` writes safetensors with the `ARPGConfig` as JSON metadata, atomically.
-* `load_model(path)` reads those files and the published ARPG `.pt` files (`arpg_300m.pt`,
-  `arpg_700m.pt`, `arpg_1b.pt` and training checkpoints) with strict key and shape checks.
+* `save(model, path)` writes safetensors with the family and its config as JSON metadata, atomically.
+* `load_model(path)` reads those files and the published `.pt` files with strict key and shape
+  checks: ARPG (`arpg_300m.pt`, `arpg_700m.pt`, `arpg_1b.pt`), LlamaGen's c2i GPT (`c2i_B_256.pt`
+  ... `c2i_3B_384.pt`), PAR (`PAR-XL-4x.pt` ... `PAR-3B-16x.pt`) and training checkpoints. The
+  family is recognised from the key names, the size from the shapes (`infer_config`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any, Mapping, Optional
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
+from arpg.errors import require
 from arpg.files import atomic_write, read_torch_file
-from arpg.models import MODEL_SIZES
-from arpg.models.arpg import ARPG, ARPGConfig
+from arpg.models import FAMILIES, MODEL_SIZES, Family, family_of
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,13 @@ WEIGHTS_CHOICES = ("default", "model", "ema")
 _PUBLISHED_WEIGHT_KEYS = ("model", "module", "state_dict")
 
 
-def save(model: ARPG, path: str | Path, weights: str = "model") -> Path:
-    """Write `model`'s weights as safetensors with its config in the metadata (atomic).
+def save(model: nn.Module, path: str | Path, weights: str = "model") -> Path:
+    """Write `model`'s weights as safetensors with its family and config in the metadata (atomic).
 
     `weights` records what the tensors are ("model" or "ema") for whoever loads them later.
     """
-    metadata = {"format": "arpg", "arpg_config": json.dumps(model.config.to_dict()), "weights": weights}
+    metadata = {"format": "arpg", "family": family_of(model).name, "config": json.dumps(model.config.to_dict()),
+                "weights": weights}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
@@ -45,6 +48,12 @@ def load_weights(path: str | Path, weights: str = "default") -> tuple[dict[str, 
     "state_dict", else the dict itself); "model" is the same; "ema" takes the EMA copy when the file
     has one (falling back to "model" with a warning). Which entry was taken is logged.
     """
+    state, config, _ = _read_checkpoint(path, weights)
+    return state, config
+
+
+def _read_checkpoint(path: str | Path, weights: str) -> tuple[dict[str, Tensor], Optional[dict], Optional[str]]:
+    """`load_weights` plus the family the file records (our safetensors), else None."""
     if weights not in WEIGHTS_CHOICES:
         raise ValueError(f"weights must be one of {WEIGHTS_CHOICES}, got {weights!r}")
     path = _existing(path)
@@ -58,40 +67,46 @@ def load_weights(path: str | Path, weights: str = "default") -> tuple[dict[str, 
     if weights == "ema":
         if "ema" in obj:
             log.info("%s: using the 'ema' weights", path)
-            return _as_state_dict(obj["ema"], path, "ema"), config
+            return _as_state_dict(obj["ema"], path, "ema"), config, None
         log.warning("%s has no 'ema' weights; using the model weights instead", path)
     for key in _PUBLISHED_WEIGHT_KEYS:
         if key in obj:
             log.info("%s: using the %r weights", path, key)
-            return _as_state_dict(obj[key], path, key), config
+            return _as_state_dict(obj[key], path, key), config, None
     log.info("%s: using the top-level dict as the state dict", path)
-    return _as_state_dict(obj, path, "top-level dict"), config
+    return _as_state_dict(obj, path, "top-level dict"), config, None
 
 
 def load_model(path: str | Path, weights: str = "default", model_name: Optional[str] = None,
                device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
-               **overrides: Any) -> ARPG:
-    """Load an ARPG model (in eval mode) from our safetensors or a published `.pt` checkpoint.
+               **overrides: Any) -> nn.Module:
+    """Load a model of any family (in eval mode) from our safetensors or a published `.pt` checkpoint.
 
-    The config comes from the file when it records one (ours do). Published files record none, so
-    the size is recognised from the tensor shapes (ARPG-L/XL/XXL; pass `model_name` for others)
-    and vocab_size / num_classes are read off the embedding and head shapes. `overrides` replace
-    config fields (e.g. `block_size` for a model trained on another grid). Keys and shapes must
+    The config comes from the file when it records one (ours do). Published files record none: the
+    family is recognised from the key names and the size from the shapes (dim and depth pick a
+    registered size, e.g. ARPG-L or LlamaGen-XL; pass `model_name` for others), and vocab_size,
+    num_classes and PAR's regions are read off the shapes. No file records its token grid: it is
+    16x16 unless `overrides` say otherwise, e.g. `block_size=576` (24x24) for LlamaGen's 384px
+    files and the released PAR models. `overrides` replace any config field. Keys and shapes must
     match exactly; the first mismatch is reported with both shapes.
     """
-    state, config_dict = load_weights(path, weights)
+    state, config_dict, family_name = _read_checkpoint(path, weights)
     if config_dict is None:
-        config_dict = _infer_config(state, model_name, path)
-    fields = ARPGConfig.__dataclass_fields__
-    config = ARPGConfig(**{**{k: v for k, v in config_dict.items() if k in fields}, **overrides})
+        family, config_dict = infer_config(state, model_name, path)
+    else:
+        family = FAMILIES[family_name] if family_name else _recognise_family(state, path)[0]
+    fields = family.config.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    require(not unknown, f"unknown {family.config.__name__} fields {unknown}; allowed: {sorted(fields)}")
+    config = family.config(**{**{k: v for k, v in config_dict.items() if k in fields}, **overrides})
     with torch.device("meta"):
-        model = ARPG(config)
+        model = family.model(config)
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor], source: str | Path = "state dict") -> None:
+def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str | Path = "state dict") -> None:
     """Raise ValueError naming the first key whose presence or shape differs from `model`'s."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for key, shape in expected.items():
@@ -123,7 +138,7 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], Optional[dict]]:
+def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], Optional[dict], Optional[str]]:
     try:
         from safetensors import safe_open
 
@@ -132,9 +147,15 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], Optional[dict]]:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt): {err}") from None
-    config = json.loads(metadata["arpg_config"]) if "arpg_config" in metadata else None
-    log.info("%s: safetensors (%s weights)", path, metadata.get("weights", "unrecorded"))
-    return state, config
+    # Files written before there were several families record an ARPG config as "arpg_config".
+    config_json = metadata.get("config", metadata.get("arpg_config"))
+    config = json.loads(config_json) if config_json is not None else None
+    family = metadata.get("family", "arpg") if config is not None else None
+    require(family is None or family in FAMILIES, f"{path} records the model family {family!r}, not one of "
+                                                  f"{sorted(FAMILIES)}")
+    log.info("%s: safetensors, %s family (%s weights)", path, family or "unrecorded",
+             metadata.get("weights", "unrecorded"))
+    return state, config, family
 
 
 def _config_from_checkpoint(obj: Mapping) -> Optional[dict]:
@@ -151,22 +172,35 @@ def _as_state_dict(obj: Any, path: Path, what: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _infer_config(state: Mapping[str, Tensor], model_name: Optional[str], path: Path) -> dict:
-    """Recover the config of a published checkpoint from its tensor shapes."""
-    for key in ("embeddings.weight", "head.weight"):
-        if key not in state:
-            raise ValueError(f"{path}: missing key {key!r}; this is not an ARPG checkpoint")
-    rows, dim = state["embeddings.weight"].shape
-    vocab_size = state["head.weight"].shape[0]
-    n_layer = 2 * sum(1 for k in state if k.startswith("layers.self_dec.") and k.endswith(".attn_norm.weight"))
+def _recognise_family(state: Mapping[str, Tensor], path: str | Path) -> tuple[Family, dict]:
+    """The family whose key layout `state` has, and the config fields its shapes determine."""
+    for family in FAMILIES.values():
+        fields = family.model.fields_from_state_dict(state)
+        if fields is not None:
+            return family, fields
+    raise ValueError(f"{path}: not a checkpoint of a known model family ({sorted(FAMILIES)}): it has neither "
+                     f"ARPG's 'embeddings.weight' + 'head.weight' nor LlamaGen's 'tok_embeddings.weight' + "
+                     f"'cls_embedding.embedding_table.weight'")
+
+
+def infer_config(state: Mapping[str, Tensor], model_name: Optional[str] = None,
+                 source: str | Path = "state dict") -> tuple[Family, dict]:
+    """The family and config fields of a state dict that records no config (a published file).
+
+    The family comes from the key names; the size is the registered size of that family with the
+    same dim and depth (or `model_name`); the fields the shapes determine (vocab_size, num_classes,
+    regions, ...) are read off them. The token grid is not in a state dict (block_size stays the
+    size's default, 16x16).
+    """
+    family, fields = _recognise_family(state, source)
+    sizes = {name: size for name, (family_name, size) in MODEL_SIZES.items() if family_name == family.name}
     if model_name is None:
-        matches = [name for name, (family, size) in MODEL_SIZES.items()
-                   if family == "arpg" and size["dim"] == dim and size["n_layer"] == n_layer]
+        matches = [name for name, size in sizes.items() if (size["dim"], size["n_layer"]) == (fields["dim"], fields["n_layer"])]
         if not matches:
-            raise ValueError(f"{path}: no registered size has dim={dim}, n_layer={n_layer}; "
-                             f"pass model_name= one of {sorted(MODEL_SIZES)} (or a config)")
+            raise ValueError(f"{source}: no registered {family.name} size has dim={fields['dim']}, "
+                             f"n_layer={fields['n_layer']}; pass model_name= one of {sorted(sizes)} (or a config)")
         model_name = matches[0]
-    if model_name not in MODEL_SIZES:
-        raise ValueError(f"model_name must be one of {sorted(MODEL_SIZES)}, got {model_name!r}")
-    log.info("%s: recognised as %s", path, model_name)
-    return {**MODEL_SIZES[model_name][1], "vocab_size": vocab_size, "num_classes": rows - vocab_size - 3}
+    if model_name not in sizes:
+        raise ValueError(f"model_name must be a {family.name} size, one of {sorted(sizes)}, got {model_name!r}")
+    log.info("%s: %s layout, size %s, with %s from the shapes", source, family.name, model_name, fields)
+    return family, {**sizes[model_name], **fields}

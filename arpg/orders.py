@@ -122,8 +122,8 @@ ORDERS: dict[str, Callable[..., Tensor]] = {
     "regions16": lambda b, h, w, gen, dev: regions_order(h, w, 16, dev).expand(b, -1),
 }
 
-# The region count behind each regions order, for its natural schedule.
-_REGION_COUNTS = {"regions4": 4, "regions16": 16}
+# The region count behind each order with a natural schedule (raster is one region: one token per step).
+_REGION_COUNTS = {"raster": 1, "regions4": 4, "regions16": 16}
 
 
 def make_order(
@@ -273,7 +273,8 @@ def make_plan(
     """Build the order (see ``make_order``) and its schedule (see ``decode_schedule``).
 
     ``schedule=None`` or ``"regions"`` means the order's natural schedule, which only the
-    regions orders have: ``regions_schedule``, with R + T/R - 1 steps. ``steps`` may be None
+    raster and regions orders have: ``regions_schedule``, with R + T/R - 1 steps (raster: R = 1,
+    one token per step, as LlamaGen decodes). ``steps`` may be None
     when the schedule fixes the number of steps (natural or explicit schedules).
     """
     if schedule is None or schedule == "regions":

@@ -34,10 +34,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -66,8 +68,14 @@ class SampleFIDConfig:
     """`scripts/sample_fid.py` (mirrored by `configs/sample_fid.yaml`; the sampling settings come
     from the `configs/sampling/` group)."""
 
-    checkpoint: str = "???"  # our .safetensors or a published arpg_*.pt
+    checkpoint: str = "???"  # our .safetensors or a published ARPG / LlamaGen / PAR .pt
     weights: str = "default"  # default | model | ema
+    # Tokens per side for checkpoints that do not record their grid (published .pt files): None keeps
+    # 16 (256px); 24 for LlamaGen's *_384.pt and the released PAR models (384px).
+    token_grid: Optional[int] = None
+    # Resize the decoded images to this many pixels per side (bicubic, before the uint8 conversion)
+    # for evaluation; None keeps the tokenizer's size. 256 for 384px models, as PAR and LlamaGen do.
+    image_size_eval: Optional[int] = None
     tokenizer: str = "vq16"  # vq16: the VQ autoencoder in vq_ckpt | pixel_digits: 8x8 digits, 17 grey levels
     vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt, or our VQ .safetensors (any VQConfig; its config is stored)
     num_images: int = 50000  # image i has class i % num_classes
@@ -120,7 +128,8 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
     # Every rank lists the folder after rank 0's cleanup and before anyone writes, so all ranks
     # agree on the missing indices without exchanging them.
     missing = _missing_indices(output_dir, config.num_images)
-    model = load_model(config.checkpoint, weights=config.weights, device=device)
+    grid = {} if config.token_grid is None else {"block_size": config.token_grid ** 2}
+    model = load_model(config.checkpoint, weights=config.weights, device=device, **grid)
     tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
     _barrier(device)
 
@@ -155,6 +164,9 @@ def _generate_batches(model, tokenizer, batches: list[list[int]], config: Sample
             generators = [torch.Generator().manual_seed(image_seed(config.seed, i)) for i in indices]
             images = generate(model, labels, config.sampling, generator=generators,
                               tokenizer=tokenizer)  # (B, C, H, W) in [-1, 1]
+            if config.image_size_eval is not None:
+                size = (config.image_size_eval, config.image_size_eval)
+                images = F.interpolate(images, size=size, mode="bicubic")
             pictures = tokenizer.to_pil(images)
             for future in writing:  # the previous batch; re-raises a failed write
                 future.result()
@@ -286,7 +298,12 @@ def _barrier(device: torch.device) -> None:
 
 
 def _validate(config: SampleFIDConfig) -> None:
-    require(config.checkpoint not in ("", "???"), "checkpoint must be set (our .safetensors or a published arpg_*.pt)")
+    require(config.checkpoint not in ("", "???"),
+            "checkpoint must be set (our .safetensors or a published ARPG / LlamaGen / PAR .pt)")
+    require(config.token_grid is None or config.token_grid >= 1,
+            f"token_grid must be >= 1 or null, got {config.token_grid}")
+    require(config.image_size_eval is None or config.image_size_eval >= 1,
+            f"image_size_eval must be >= 1 or null (no resize), got {config.image_size_eval}")
     require(config.weights in WEIGHTS_CHOICES, f"weights must be one of {WEIGHTS_CHOICES}, got {config.weights!r}")
     require(config.tokenizer in TOKENIZER_CHOICES,
             f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")

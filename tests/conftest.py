@@ -38,3 +38,15 @@ def golden_model(arpg_golden):
     model = ARPG(ARPGConfig(**{k: v for k, v in arpg_golden["config"].items() if k in fields}))
     model.load_state_dict(arpg_golden["state_dict"], strict=True)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def llamagen_goldens() -> dict:
+    """The tiny LlamaGen and PAR reference files, by family name."""
+    return {"llamagen": torch.load(data_file("tiny_llamagen_golden.pt"), weights_only=True),
+            "par": torch.load(data_file("tiny_par_golden.pt"), weights_only=True)}
+
+
+@pytest.fixture(scope="session")
+def llamagen_layout() -> dict:
+    return json.loads(data_file("llamagen_par_state_dict_layout.json").read_text())

@@ -53,11 +53,12 @@ def test_published_pt_layouts(tmp_path, caplog, arpg_golden):
 
 @pytest.mark.parametrize("name", ["ARPG-L", "ARPG-XL", "ARPG-XXL"])
 def test_published_size_is_recognised_from_shapes(name):
-    from arpg.checkpoint import _infer_config
+    from arpg.checkpoint import infer_config
 
     with torch.device("meta"):
         state = create_model(name).state_dict()
-    config = _infer_config(state, None, "published.pt")
+    family, config = infer_config(state, None, "published.pt")
+    assert family.name == "arpg"
     assert config == {**MODEL_SIZES[name][1], "vocab_size": 16384, "num_classes": 1000}
 
 

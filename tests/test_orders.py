@@ -240,10 +240,12 @@ def test_plan_with_natural_regions_schedule(schedule):
     assert plan.tokens_per_step == (1, 1, 1, 1, 4, 4, 4)
     assert plan.order[0].tolist() == regions_order(4, 4, 4).tolist()
     assert make_plan("regions16", 1, 16, 16, 31, schedule).num_steps == 31
+    raster = make_plan("raster", 2, 4, 4, None, schedule)  # one region: one token per step (LlamaGen)
+    assert raster.tokens_per_step == (1,) * 16 and raster.order[1].tolist() == list(range(16))
 
 
 def test_plan_rejects_natural_schedule_without_regions_and_bad_sizes():
-    natural_needs_regions = r"schedule=None .* needs order in \['regions16', 'regions4'\]"
+    natural_needs_regions = r"schedule=None .* needs order in \['raster', 'regions16', 'regions4'\]"
     with pytest.raises(ValueError, match=natural_needs_regions):
         make_plan("random", 1, 4, 4, None, None)
     with pytest.raises(ValueError, match="schedule has 7 steps but steps=8"):

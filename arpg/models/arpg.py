@@ -20,9 +20,8 @@ in `arpg.models.layers`.
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,16 +31,18 @@ from torch import Tensor
 
 from arpg.condition import ClassCondition
 from arpg.errors import require
-from arpg.orders import DecodeRules
-from arpg.models.layers import (FeedForward, RMSNorm, apply_rope, attention, merge_heads, raster_rope, split_heads,
-                                swiglu_hidden_dim, write_cache)
+from arpg.models.base import GridGenerator, TransformerConfig
+from arpg.orders import DecodeRules, random_order
+from arpg.models.layers import (FeedForward, RMSNorm, apply_rope, attention, block_causal_mask, merge_heads,
+                                published_init_, raster_rope, split_heads, write_cache)
 
 CLS_ROPE_CHOICES = ("zeros", "identity")
 
 
 @dataclass
-class ARPGConfig:
-    """Hyper-parameters of an ARPG model (field names follow the published `ModelArgs`).
+class ARPGConfig(TransformerConfig):
+    """Hyper-parameters of an ARPG model (field names follow the published `ModelArgs`; the
+    shared ones are in `TransformerConfig`).
 
     `cls_rope` is the one addition: the rotation given to the class token. "zeros" (published,
     required by the released checkpoints) zeroes the class token's q and k, so every query scores
@@ -49,50 +50,13 @@ class ARPGConfig:
     noticeably faster on small data.
     """
 
-    dim: int = 1024
-    n_layer: int = 24
-    n_head: int = 16
-    vocab_size: int = 16384
-    block_size: int = 256  # tokens per image, a square grid (16x16 for VQ-16 at 256px)
-    num_classes: int = 1000
-    cls_token_num: int = 1
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    multiple_of: int = 256
-    ffn_dim_multiplier: Optional[float] = None
-    token_dropout_p: float = 0.1
-    attn_dropout_p: float = 0.0
-    resid_dropout_p: float = 0.1
-    ffn_dropout_p: float = 0.1
-    class_dropout_prob: float = 0.1
-    initializer_range: float = 0.02
     cls_rope: str = "zeros"
 
     def __post_init__(self) -> None:
-        for name in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes", "multiple_of"):
-            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         require(self.n_layer % 2 == 0,
                 f"n_layer must be even (half self-decoder, half cross-decoder), got {self.n_layer}")
-        require(self.dim % self.n_head == 0, f"dim must be divisible by n_head, got dim={self.dim}, n_head={self.n_head}")
-        require(self.head_dim % 4 == 0, f"dim // n_head must be a multiple of 4 for 2-D RoPE, got {self.head_dim}")
-        require(math.isqrt(self.block_size) ** 2 == self.block_size,
-                f"block_size must be a perfect square (a square token grid), got {self.block_size}")
-        require(self.cls_token_num == 1, f"cls_token_num must be 1 (as in the published model), got {self.cls_token_num}")
         require(self.cls_rope in CLS_ROPE_CHOICES, f"cls_rope must be one of {CLS_ROPE_CHOICES}, got {self.cls_rope!r}")
-        for name in ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "class_dropout_prob"):
-            require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def grid_size(self) -> int:
-        return math.isqrt(self.block_size)
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     # Embedding-table layout (published): [0, V) image tokens, V mask token (query input),
     # V + 1 + c class c, V + C + 1 null class (unconditional), V + C + 2 unused.
@@ -111,9 +75,6 @@ class ARPGConfig:
     @property
     def embedding_rows(self) -> int:
         return self.vocab_size + self.num_classes + 3
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,17 +204,16 @@ class KVCache:
 # The model
 # ---------------------------------------------------------------------------------------------
 
-class ARPG(nn.Module):
+class ARPG(GridGenerator):
     """Guided random-order autoregressive image generator (class-conditional)."""
 
     family = "arpg"
     # The published sampler's defaults; any order and schedule can be decoded.
     decode_rules = DecodeRules(order="random", steps=64, schedule="arccos")
+    _no_split_modules = ["SelfDecoder", "CrossDecoder"]  # FSDP wraps these (accelerate reads this name)
 
     def __init__(self, config: ARPGConfig):
-        super().__init__()
-        self.config = config
-        self.condition = ClassCondition(config.num_classes)
+        super().__init__(config)
         self.embeddings = nn.Embedding(config.embedding_rows, config.dim)
         self.embed_drop = nn.Dropout(config.token_dropout_p)
         self.layers = GuidedDecoder(config)
@@ -263,18 +223,8 @@ class ARPG(nn.Module):
 
     def reset_parameters(self) -> None:
         """Published init: N(0, initializer_range) for linears and embeddings, zero head, unit norms."""
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        published_init_(self, self.config.initializer_range)
         nn.init.zeros_(self.head.weight)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """The token grid (h, w) the model was trained on."""
-        return self.config.grid_size, self.config.grid_size
 
     # -- positions and the condition --------------------------------------------------------------
 
@@ -313,7 +263,7 @@ class ARPG(nn.Module):
         B, T = self._check_inputs(tokens, labels, order)
         device = tokens.device
         if order is None:
-            order = torch.rand(B, T, device=device, generator=generator).argsort(dim=1)
+            order = random_order(B, T, generator, device)
         if self.training:
             labels = self.condition.drop(labels, self.config.class_dropout_prob, generator)
 
@@ -351,13 +301,7 @@ class ARPG(nn.Module):
 
     @torch.compiler.disable
     def _check_inputs(self, tokens: Tensor, labels: Tensor, order: Optional[Tensor]) -> tuple[int, int]:
-        cfg = self.config
-        require(tokens.ndim == 2 and tokens.shape[1] == cfg.block_size,
-                f"tokens must have shape (B, {cfg.block_size}), got {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        require(not tokens.dtype.is_floating_point and bool(tokens.min() >= 0) and bool(tokens.max() < cfg.vocab_size),
-                f"tokens must be integers in [0, {cfg.vocab_size}) (vocab_size)")
-        self.condition.check(labels, batch=B)
+        B, T = self.check_inputs(tokens, labels)
         if order is not None:
             require(order.shape == (B, T) and not order.dtype.is_floating_point,
                     f"order must be an integer tensor of shape ({B}, {T}), got {order.dtype} {tuple(order.shape)}")
@@ -412,8 +356,17 @@ class ARPG(nn.Module):
         return ARPGDecoder(self, conditions, self.position_rope(order, grid_width=grid[1]), tokens_per_step,
                            **runtime)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    @staticmethod
+    def fields_from_state_dict(state: Mapping[str, Tensor]) -> Optional[dict]:
+        """The config fields an ARPG state dict's shapes determine (dim, n_layer, vocab_size,
+        num_classes), or None when it is not this family's layout."""
+        if "embeddings.weight" not in state or "head.weight" not in state:
+            return None
+        rows, dim = state["embeddings.weight"].shape
+        vocab_size = state["head.weight"].shape[0]
+        n_layer = 2 * sum(1 for k in state if k.startswith("layers.self_dec.") and k.endswith(".attn_norm.weight"))
+        return {"dim": dim, "n_layer": n_layer, "vocab_size": vocab_size, "num_classes": rows - vocab_size - 3}
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +436,7 @@ class ARPGDecoder:
             self.ids = torch.cat([ids for ids, _ in prefill] + [conditions.new_zeros(rows, fed_slots)], dim=1)
             self.rope = torch.cat([rope for _, rope in prefill] + [self.target_rope[:, :fed_slots]], dim=1)
             groups = [ids.shape[1] for ids, _ in prefill] + list(tokens_per_step[:-1])
-            self.visible = _visibility(groups, causal_within_step, device)  # (L, L)
+            self.visible = block_causal_mask(groups, causal_within_step, device)  # (L, L)
             self.length = max_len - fed_slots
 
     def __call__(self, fed: Optional[Tensor]) -> Tensor:
@@ -505,15 +458,3 @@ class ARPGDecoder:
                                      attn_mask=self.visible[:L, :L])
         return self.model.target_logits(k, v, targets, is_causal=False)
 
-
-def _visibility(fed_per_call: Sequence[int], causal: bool, device: torch.device) -> Tensor:
-    """(L, L) bool: content i sees content j, for the L tokens fed in calls of `fed_per_call`
-    tokens each, as `extend` builds it: a token sees every earlier call and its own call
-    (block-wise), or within its call only itself and earlier tokens (causal)."""
-    call = torch.repeat_interleave(torch.arange(len(fed_per_call), device=device),
-                                   torch.tensor(fed_per_call, device=device), output_size=sum(fed_per_call))  # (L,)
-    earlier_call = call[None, :] < call[:, None]
-    same_call = call[None, :] == call[:, None]
-    if causal:
-        same_call &= torch.ones_like(same_call).tril()
-    return earlier_call | same_call

@@ -8,6 +8,7 @@ load with strict key checks.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -34,6 +35,16 @@ class RMSNorm(nn.Module):
         # Normalise in float32 for stability under bf16, as the published models do.
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def published_init_(model: nn.Module, std: float) -> None:
+    """The published initialisation of every family: N(0, std) for Linear and Embedding weights,
+    ones for RMSNorm weights (each family then zeroes its output head)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
 
 
 class FeedForward(nn.Module):
@@ -109,3 +120,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, attn_mas
     """softmax(q k^T / sqrt(D)) v for q (B, H, Tq, D), k/v (B, H, Tk, D); a bool `attn_mask`
     (Tq, Tk) or (B, 1, Tq, Tk) is True where attending is allowed. Returns (B, H, Tq, D)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
+def block_causal_mask(block_sizes: Sequence[int], causal_within: bool = False,
+                      device: torch.device | str | None = None) -> Tensor:
+    """(L, L) bool, L = sum(block_sizes): position i may attend to position j when j lies in an
+    earlier block than i, or in the same block (both directions, or only j <= i with
+    `causal_within`). Blocks of one position give the plain causal mask."""
+    block = torch.repeat_interleave(torch.arange(len(block_sizes), device=device),
+                                    torch.tensor(block_sizes, device=device), output_size=sum(block_sizes))  # (L,)
+    same_block = block[None, :] == block[:, None]
+    if causal_within:
+        same_block &= torch.ones_like(same_block).tril()
+    return (block[None, :] < block[:, None]) | same_block

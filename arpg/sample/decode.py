@@ -147,6 +147,7 @@ def decode_plan(model: nn.Module, options: SamplingOptions, batch: int,
                 f"order: {name} decodes only in its own order ({rules.order!r}); leave order unset")
         require(options.schedule is None or options.schedule == rules.schedule,
                 f"schedule: {name} decodes with its own schedule ({rules.schedule!r}); leave schedule unset")
+        steps = None  # its schedule fixes them (options.steps is checked against the plan below)
     if isinstance(order, Tensor) or len(parts) == 1:
         plan = make_plan(order, batch, h, w, steps, schedule, parts[0][1] if len(parts) == 1 else None, device)
     else:

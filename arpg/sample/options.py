@@ -22,12 +22,14 @@ CFG_SCHEDULES = ("constant", "linear")
 class SamplingOptions:
     """How to sample. `None` for `steps`, `schedule` and `order` means the model family's own
     decoding (ARPG: 64 steps, arccos, random order, as published; LlamaGen: raster, one token per
-    step; PAR: its regions, n tokens per step).
+    step; PAR: its regions, n tokens per step). LlamaGen and PAR decode only their own way: for
+    them these three stay None (or name their own order and schedule).
 
     Attributes:
         steps: decoding steps, in [1, T] for T tokens per image.
         schedule: tokens per step: "arccos" (published ARPG), "cosine", "linear", "regions" (the
-            natural schedule of a regions order), or an explicit list of ints summing to T.
+            natural schedule of a regions order: n single tokens, then n per step; of raster: one
+            token per step), or an explicit list of ints summing to T.
         order: "random" (a permutation per sample), "random_shared", "raster", "regions4",
             "regions16", or (from Python) a permutation tensor (T,) or (B, T).
         cfg: classifier-free guidance scale; None or 1 turn guidance off (no doubled batch);

@@ -26,10 +26,12 @@ STRATEGY_CHOICES = ("ddp", "fsdp")
 
 @dataclass
 class ModelSettings:
-    """A registered size (`arpg.models.models.MODEL_SIZES`) plus overrides of its config fields.
+    """A registered size (`arpg.models.MODEL_SIZES`: ARPG-*, LlamaGen-*, PAR-*) plus overrides of
+    its config fields.
 
     None keeps the registry value. vocab_size, block_size and num_classes always come from the
-    data set. Dropouts default to the published recipe.
+    data set. Dropouts default to the published recipe. The last fields belong to one family and
+    must stay None for the other: `cls_rope` (ARPG), `regions` and `drop_path_rate` (LlamaGen/PAR).
     """
 
     name: str = "ARPG-tiny"
@@ -43,7 +45,14 @@ class ModelSettings:
     resid_dropout_p: float = 0.1
     ffn_dropout_p: float = 0.1
     class_dropout_prob: float = 0.1
-    cls_rope: str = "zeros"
+    cls_rope: Optional[str] = None  # ARPG: "zeros" (published) | "identity"
+    regions: Optional[int] = None  # LlamaGen/PAR: PAR's n, 1 (LlamaGen) | 4 | 16
+    drop_path_rate: Optional[float] = None  # LlamaGen/PAR: stochastic depth
+
+    @property
+    def family(self) -> models.Family:
+        """The family of the registered size `name`."""
+        return models.FAMILIES[models.MODEL_SIZES[self.name][0]]
 
     def model_config(self, vocab_size: int, block_size: int, num_classes: int) -> Any:
         """The model family's config for data of this vocabulary, grid and class count."""
@@ -110,7 +119,7 @@ class TrainConfig:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)  # for the grids and the accuracy check
     name: str = "tiny_digits"
     out_dir: str = "runs/tiny_digits"
-    order: str = "random"  # training order: a name from arpg.orders.ORDERS
+    order: Optional[str] = None  # ARPG's training order, a name from arpg.orders.ORDERS; None: random
     epochs: float = 40.0
     max_steps: Optional[int] = None  # overrides epochs when set
     stop_at_step: Optional[int] = None  # end this invocation early; the schedule still spans the run
@@ -142,6 +151,7 @@ def validate(config: TrainConfig) -> None:
     """Raise ValueError naming the first bad key. Needs no data, model or processes."""
     m, d, o, r, s = config.model, config.data, config.optim, config.runtime, config.sample
     require(m.name in models.MODEL_SIZES, f"model.name must be one of {sorted(models.MODEL_SIZES)}, got {m.name!r}")
+    _validate_family_settings(config)
     d.validate()
     require(o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}")
     require(o.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {o.grad_accum}")
@@ -156,7 +166,8 @@ def validate(config: TrainConfig) -> None:
     require(r.mixed_precision in MIXED_PRECISION_CHOICES,
             f"runtime.mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {r.mixed_precision!r}")
     require(r.strategy in STRATEGY_CHOICES, f"runtime.strategy must be one of {STRATEGY_CHOICES}, got {r.strategy!r}")
-    require(config.order in ORDERS, f"order must be one of {sorted(ORDERS)}, got {config.order!r}")
+    require(config.order is None or config.order in ORDERS,
+            f"order must be one of {sorted(ORDERS)} or null, got {config.order!r}")
     tokenizers = (*TOKENIZER_CHOICES, "none")
     require(s.tokenizer in tokenizers, f"sample.tokenizer must be one of {tokenizers}, got {s.tokenizer!r}")
     if s.tokenizer == "vq16" and s.per_class > 0:
@@ -174,6 +185,22 @@ def validate(config: TrainConfig) -> None:
         require(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
     require(config.resume in ("auto", "none") or Path(config.resume).is_file(),
             f"resume must be 'auto', 'none' or an existing checkpoint file, got {config.resume!r}")
+
+
+def _validate_family_settings(config: TrainConfig) -> None:
+    """Settings that exist for one family only; a family that trains and decodes along its own
+    sequence (LlamaGen, PAR) takes no training order and no decoding order, steps or schedule."""
+    family, settings = config.model.family, dataclasses.asdict(config.model)
+    fields = family.config.__dataclass_fields__
+    for key, value in settings.items():
+        require(key == "name" or value is None or key in fields,
+                f"model.{key} does not apply to {config.model.name} ({family.config.__name__}); set it to null")
+    if family.fixed_order:
+        require(config.order is None, f"order: {config.model.name} trains along its own sequence; set order=null")
+        for name in ("order", "steps", "schedule"):
+            require(getattr(config.sampling, name) is None,
+                    f"sampling.{name}: {config.model.name} decodes with its own {name}; set sampling.{name}=null "
+                    f"(e.g. sampling=digits_fixed for the digits)")
 
 
 def validate_processes(optim: OptimSettings, num_processes: int) -> None:

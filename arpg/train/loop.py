@@ -97,9 +97,9 @@ def _make_accelerator(runtime: RuntimeSettings):
     AcceleratorState._reset_state()
     fsdp_plugin = None
     if runtime.strategy == "fsdp":
+        # The blocks to wrap come from the model's `_no_split_modules` (each family names its own).
         fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["SelfDecoder", "CrossDecoder"],
             reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
     return Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision,
                        fsdp_plugin=fsdp_plugin)
@@ -242,10 +242,12 @@ def train(config: TrainConfig) -> TrainResult:
             for a in range(accum):
                 tokens, labels = (t.to(device, non_blocking=True) for t in next(micro_batches))
                 generator = _micro_batch_generator(config, run.step, rank * accum + a, device)
-                order = make_order(config.order, micro, h, w, generator=generator, device=device)
+                # An ARPG order when one is set; otherwise the model's own (ARPG: random from `generator`).
+                order = {} if config.order is None else {
+                    "order": make_order(config.order, micro, h, w, generator=generator, device=device)}
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
-                    _, loss = train_model(tokens, labels, order, generator=generator)
+                    _, loss = train_model(tokens, labels, generator=generator, **order)
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
             grad_norm = None

@@ -1,0 +1,99 @@
+"""What the model families share besides their layers: the common hyper-parameters with their
+checks (`TransformerConfig`), and the common surface of a class-conditional token-grid generator
+(`GridGenerator`: its condition, grid, parameter count and input check).
+
+Each family's config extends `TransformerConfig` with its own fields (ARPG: `cls_rope`; LlamaGen:
+`regions`, ...) and its model extends `GridGenerator`; the field names are the published ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from arpg.condition import ClassCondition
+from arpg.errors import require
+from arpg.models.layers import swiglu_hidden_dim
+
+DROPOUT_FIELDS = ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "class_dropout_prob")
+
+
+@dataclass
+class TransformerConfig:
+    """Hyper-parameters every family has (named as in the published `ModelArgs`)."""
+
+    dim: int = 1024
+    n_layer: int = 24
+    n_head: int = 16
+    vocab_size: int = 16384
+    block_size: int = 256  # tokens per image, a square grid (16x16 for VQ-16 at 256px)
+    num_classes: int = 1000
+    cls_token_num: int = 1
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    class_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes", "multiple_of"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.dim % self.n_head == 0, f"dim must be divisible by n_head, got dim={self.dim}, n_head={self.n_head}")
+        require(self.head_dim % 4 == 0, f"dim // n_head must be a multiple of 4 for 2-D RoPE, got {self.head_dim}")
+        require(math.isqrt(self.block_size) ** 2 == self.block_size,
+                f"block_size must be a perfect square (a square token grid), got {self.block_size}")
+        require(self.cls_token_num == 1, f"cls_token_num must be 1 (as in the published models), got {self.cls_token_num}")
+        for name in DROPOUT_FIELDS:
+            require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.block_size)
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GridGenerator(nn.Module):
+    """A class-conditional generator of square token grids (the base of every family's model)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.condition = ClassCondition(config.num_classes)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The token grid (h, w) the model was trained on."""
+        return self.config.grid_size, self.config.grid_size
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.compiler.disable
+    def check_inputs(self, tokens: Tensor, labels: Tensor) -> tuple[int, int]:
+        """(B, T) after checking training inputs: tokens (B, block_size) in [0, vocab_size), labels (B,)."""
+        cfg = self.config
+        require(tokens.ndim == 2 and tokens.shape[1] == cfg.block_size,
+                f"tokens must have shape (B, {cfg.block_size}), got {tuple(tokens.shape)}")
+        require(not tokens.dtype.is_floating_point and bool(tokens.min() >= 0) and bool(tokens.max() < cfg.vocab_size),
+                f"tokens must be integers in [0, {cfg.vocab_size}) (vocab_size)")
+        self.condition.check(labels, batch=tokens.shape[0])
+        return tokens.shape[0], tokens.shape[1]

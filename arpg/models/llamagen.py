@@ -1,0 +1,367 @@
+"""LlamaGen's class-conditional GPT, and PAR on it: a standard causal AR transformer.
+
+One file, read top to bottom:
+
+* `LlamaGenConfig`: the hyper-parameters, named as in LlamaGen's `ModelArgs`, plus `regions`,
+  PAR's n. n = 1 is plain LlamaGen: raster order, one token per step. n = 4 or 16 is PAR: the grid
+  is cut into a sqrt(n) x sqrt(n) arrangement of regions and the tokens are reordered so that
+  slot k holds local token k // n of region k % n (`arpg.orders.regions_order`).
+* The training sequence (PAR, Wang et al. 2024): `[class, t0 .. t(n-1), M0 .. M(n-2), t(n) .. t(T-2)]`
+  with the n - 1 learnable transition tokens M. Input j predicts slot j, so the first n slots come
+  one at a time and every later group of n inputs predicts the next n slots at once. Attention is
+  causal plus full inside each such group (`block_causal_mask` over the decode steps: the mask IS
+  the decoding schedule). Every image token is rotated by the 2-D RoPE of its own grid position;
+  the class and transition tokens get all-zero rotations (published).
+* `TransformerBlock` etc.: the module tree and parameter names of LlamaGen's GPT (and PAR's
+  `spe_tok_embeddings`), so published checkpoints load with strict key and shape checks. The math
+  (RMSNorm, SwiGLU, RoPE, attention) is `arpg.models.layers`, shared with ARPG.
+* `LlamaGenDecoder`: the step engine the shared sampler drives (`arpg.sample.decode`). It feeds
+  each decode step's inputs at their training positions over a preallocated KV cache: the class
+  token, n - 1 single tokens, one transition step (slot n - 1 and the transition tokens), then n
+  tokens per step: T/n + n - 1 forward calls for T tokens.
+
+Deliberate differences from the published code (see the reference notes): the model always has a
+null-class row; the tokens are reordered on every training path; eval mode is as causal as train
+mode; decoding keeps no state in the modules.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from arpg.condition import ClassCondition
+from arpg.errors import require
+from arpg.models.base import GridGenerator, TransformerConfig
+from arpg.models.layers import (FeedForward, RMSNorm, apply_rope, attention, block_causal_mask, merge_heads,
+                                published_init_, raster_rope, split_heads, write_cache)
+from arpg.orders import DecodeRules, regions_order, regions_schedule
+
+# n -> the name of the order the model decodes in (arpg.orders.ORDERS)
+REGION_ORDERS = {1: "raster", 4: "regions4", 16: "regions16"}
+
+
+@dataclass
+class LlamaGenConfig(TransformerConfig):
+    """Hyper-parameters of a LlamaGen / PAR model (field names follow LlamaGen's `ModelArgs`, the
+    shared ones are in `TransformerConfig`; its text-to-image and cache-size fields are left out).
+    `regions` is PAR's n: 1 (LlamaGen), 4 or 16; block_size is 576 (24x24) for 384px models."""
+
+    n_kv_head: Optional[int] = None  # None = n_head; every published size has it
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly over the layers to this rate
+    regions: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.n_kv_head in (None, self.n_head),
+                f"n_kv_head must be None or n_head={self.n_head} (grouped-query attention is not supported; "
+                f"no published size uses it), got {self.n_kv_head}")
+        require(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        require(self.regions in REGION_ORDERS, f"regions must be one of {list(REGION_ORDERS)} (1: LlamaGen, "
+                                               f"4 or 16: PAR), got {self.regions}")
+        side = math.isqrt(self.regions)
+        require(self.grid_size % side == 0 and self.regions < self.block_size,
+                f"regions={self.regions} needs a grid side divisible by {side} and more than {self.regions} "
+                f"tokens, got a {self.grid_size}x{self.grid_size} grid (block_size {self.block_size})")
+
+    @property
+    def null_class_id(self) -> int:
+        """Row of `cls_embedding.embedding_table` for the unconditional class (its last row)."""
+        return self.num_classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules (the shared math is in arpg.models.layers; the names here are the published ones)
+# ---------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection (rows: q, then k, then v)."""
+
+    def __init__(self, config: LlamaGenConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.attn_dropout_p = config.attn_dropout_p
+        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.resid_dropout = nn.Dropout(config.resid_dropout_p)
+
+    def forward(self, x: Tensor, rope: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                cache: Optional[tuple[Tensor, Tensor, int]] = None) -> Tensor:
+        """x (B, T, dim), rope (B|1, T, D/2, 2). With `cache` = (k_cache, v_cache, start), the new keys and
+        values are written at [start, start + T) of the preallocated (B, H, S, D) buffers and the
+        queries attend to everything written so far."""
+        q, k, v = (split_heads(t, self.n_head) for t in self.wqkv(x).chunk(3, dim=-1))  # (B, T, H, D) each
+        q, k = apply_rope(q, rope).transpose(1, 2), apply_rope(k, rope).transpose(1, 2)  # (B, H, T, D)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = write_cache(k, v, *cache)
+        out = attention(q, k, v, is_causal, attn_mask, self.attn_dropout_p if self.training else 0.0)
+        return self.resid_dropout(self.wo(merge_heads(out)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LlamaGenConfig, drop_path: float):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim, config.ffn_dropout_p)
+        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        if drop_path > 0:
+            from timm.layers import DropPath  # only when asked for: timm takes seconds to import
+
+            self.drop_path = DropPath(drop_path)
+        else:
+            self.drop_path = nn.Identity()
+
+    def forward(self, x: Tensor, rope: Tensor, **attn_kwargs) -> Tensor:
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, **attn_kwargs))
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+
+
+class ClassEmbedding(nn.Module):
+    """Class c is row c of `embedding_table`, the unconditional (null) class its last row."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+
+class TransitionTokens(nn.Module):
+    """PAR's n - 1 learnable transition tokens, fed between the first n slots and the rest."""
+
+    def __init__(self, count: int, dim: int):
+        super().__init__()
+        self.special_embeddings = nn.Embedding(count, dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class LlamaGen(GridGenerator):
+    """Class-conditional causal AR image generator: LlamaGen (regions = 1) or PAR (regions = 4, 16)."""
+
+    family = "llamagen"
+    _no_split_modules = ["TransformerBlock"]  # FSDP wraps these (accelerate reads this name)
+
+    def __init__(self, config: LlamaGenConfig):
+        super().__init__(config)
+        self.cls_embedding = ClassEmbedding(config.num_classes, config.dim)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        if config.regions > 1:
+            self.spe_tok_embeddings = TransitionTokens(config.regions - 1, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        last = max(1, config.n_layer - 1)  # plain floats: the model may be built on the meta device
+        self.layers = nn.ModuleList(TransformerBlock(config, config.drop_path_rate * i / last)
+                                    for i in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Published init: N(0, initializer_range) for linears and embeddings, zero head, unit norms."""
+        published_init_(self, self.config.initializer_range)
+        nn.init.zeros_(self.output.weight)
+
+    @property
+    def decode_rules(self) -> DecodeRules:
+        """Trained on one sequence, decoded along it only: raster one token per step (n = 1), or
+        PAR's regions order with its natural schedule."""
+        return DecodeRules(order=REGION_ORDERS[self.config.regions], steps=None, schedule="regions", fixed=True)
+
+    # -- the sequence ---------------------------------------------------------------------------
+
+    def slot_order(self, device: torch.device | str | None = None) -> Tensor:
+        """(T,) the raster position of each slot: raster for n = 1, PAR's region order otherwise."""
+        h, w = self.grid
+        return regions_order(h, w, self.config.regions, device)
+
+    def decode_steps(self) -> tuple[int, ...]:
+        """Slots predicted by each forward call of a decode: n ones, then n per call."""
+        h, w = self.grid
+        return tuple(regions_schedule(h, w, self.config.regions))
+
+    def sequence_positions(self, device: torch.device | str | None = None) -> Tensor:
+        """(T + n,) the raster position of each input of the full sequence
+        [class, slots 0..n-1, n - 1 transitions, slots n..T-1]; -1 for the class and transition tokens."""
+        order, n = self.slot_order(device), self.config.regions
+        none = order.new_full((1,), -1)
+        return torch.cat([none, order[:n], none.expand(n - 1), order[n:]])
+
+    def sequence_rope(self, positions: Tensor) -> Tensor:
+        """RoPE (..., D/2, 2) of sequence inputs at raster `positions` (...,), all zeros where -1."""
+        cfg = self.config
+        rope = raster_rope(positions.clamp(min=0), cfg.grid_size, cfg.head_dim, cfg.rope_base)
+        return rope.masked_fill((positions < 0)[..., None, None], 0.0)
+
+    def sequence_mask(self, device: torch.device | str | None = None) -> Tensor:
+        """(T + n, T + n) bool, True where input i may attend to input j: causal, plus full attention
+        inside each group of n inputs after the first n (the reference's group mask)."""
+        return block_causal_mask([*self.decode_steps(), self.config.regions], device=device)
+
+    def class_ids(self, labels: Tensor) -> Tensor:
+        """Class-table rows (B,) of labels; the null label (`ClassCondition.NULL`) is the last row."""
+        return torch.where(labels == ClassCondition.NULL, self.config.null_class_id, labels)
+
+    def transition_embeddings(self, batch: int) -> Tensor:
+        """(batch, n - 1, dim): the transition tokens (none for n = 1)."""
+        if self.config.regions == 1:
+            return self.tok_embeddings.weight.new_zeros(batch, 0, self.config.dim)
+        return self.spe_tok_embeddings.special_embeddings.weight.expand(batch, -1, -1)
+
+    # -- the network ----------------------------------------------------------------------------
+
+    def transformer(self, x: Tensor, rope: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                    cache: Optional[tuple[Tensor, Tensor, int]] = None) -> Tensor:
+        """The blocks over inputs x (B, L, dim) with RoPE (B|1, L, D/2, 2) -> (B, L, dim). `cache` =
+        (k_cache, v_cache, start), (n_layer, B, H, S, D) each: write at [start, start + L) and attend
+        to all that is cached."""
+        for i, block in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache[2])
+            x = block(x, rope, attn_mask=attn_mask, is_causal=is_causal, cache=layer_cache)
+        return x
+
+    def head(self, h: Tensor) -> Tensor:
+        """Float32 logits (..., vocab_size) of block outputs (..., dim)."""
+        return self.output(self.norm(h)).float()
+
+    # -- training forward -----------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
+                ) -> tuple[Tensor, Tensor]:
+        """Teacher-forced pass over the model's own sequence (raster, or PAR's regions).
+
+        Args:
+            tokens: (B, T) image tokens in raster order, values in [0, vocab_size); reordered here.
+            labels: (B,) class ids in [0, num_classes).
+            generator: RNG for class dropout (training only).
+        Returns:
+            logits (B, T, vocab_size) float32 in raster order, and the mean cross-entropy.
+        """
+        B, T = self.check_inputs(tokens, labels)
+        n, device = self.config.regions, tokens.device
+        if self.training:
+            labels = self.condition.drop(labels, self.config.class_dropout_prob, generator)
+        order = self.slot_order(device)  # (T,)
+        slots = tokens[:, order]  # (B, T) in slot order
+        fed = self.tok_embeddings(slots[:, :-1])  # the last slot is only a target
+        x = torch.cat([self.cls_embedding.embedding_table(self.class_ids(labels))[:, None], fed[:, :n],
+                       self.transition_embeddings(B), fed[:, n:]], dim=1)  # (B, T + n - 1, dim)
+        length = T + n - 1
+        rope = self.sequence_rope(self.sequence_positions(device)[:length])[None]
+        # n = 1 is plain causal attention (flash kernels); PAR needs its group mask.
+        mask = None if n == 1 else self.sequence_mask(device)[:length, :length]
+        h = self.transformer(self.tok_dropout(x), rope, attn_mask=mask, is_causal=n == 1)
+        logits_in_slots = self.head(h[:, :T])  # input k predicts slot k; the last n - 1 inputs are unused
+        loss = F.cross_entropy(logits_in_slots.flatten(0, 1), slots.flatten())
+        return torch.empty_like(logits_in_slots).index_copy_(1, order, logits_in_slots), loss
+
+    # -- decoding and checkpoints ---------------------------------------------------------------
+
+    def decoder(self, conditions: Tensor, order: Tensor, tokens_per_step: Sequence[int], grid: tuple[int, int],
+                **runtime) -> LlamaGenDecoder:
+        """The step engine of one decode (see `LlamaGenDecoder`)."""
+        return LlamaGenDecoder(self, conditions, order, tokens_per_step, grid, **runtime)
+
+    @staticmethod
+    def fields_from_state_dict(state: Mapping[str, Tensor]) -> Optional[dict]:
+        """The config fields a LlamaGen / PAR state dict's shapes determine (dim, n_layer, vocab_size,
+        num_classes, regions), or None when it is not this family's layout."""
+        if "tok_embeddings.weight" not in state or "cls_embedding.embedding_table.weight" not in state:
+            return None
+        vocab_size, dim = state["tok_embeddings.weight"].shape
+        transitions = state.get("spe_tok_embeddings.special_embeddings.weight")
+        return {"dim": dim, "n_layer": sum(1 for k in state if k.endswith(".attention_norm.weight")),
+                "vocab_size": vocab_size, "num_classes": state["cls_embedding.embedding_table.weight"].shape[0] - 1,
+                "regions": 1 if transitions is None else transitions.shape[0] + 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The step engine of the sampler
+# ---------------------------------------------------------------------------------------------
+
+def _cached_step(model: LlamaGen, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
+    """One cached forward call: inputs x (B, m, dim) at sequence positions [start, start + m) see
+    everything cached and each other (they form one group of the mask) -> logits (B, m, V)."""
+    return model.head(model.transformer(x, rope, cache=(k_cache, v_cache, start)))
+
+
+@functools.cache
+def _compiled_step() -> Callable[..., Tensor]:
+    return torch.compile(_cached_step, dynamic=True)
+
+
+class LlamaGenDecoder:
+    """The forward passes of one LlamaGen / PAR decode: call it with the tokens chosen at the
+    previous step (None at the first) and it returns the float32 logits (rows, m, V) of this
+    step's slots.
+
+    Call c feeds sequence positions [p_c, p_c + m_c) and their outputs predict slots
+    [p_c, p_c + m_c), m_c = `tokens_per_step[c]`: call 0 the class token; calls 1 .. n-1 the
+    previous slot; call n slot n - 1 and the n - 1 transition tokens; later calls the previous n
+    slots. The positions, RoPE and attention are the training ones, so each conditional logit
+    equals the teacher-forced logit of its slot. The KV cache lives here, never in the model.
+
+    Args:
+        conditions: (rows,) labels, `ClassCondition.NULL` for unconditional rows.
+        order, tokens_per_step, grid: the plan; they must be the model's own (`decode_rules`).
+        causal_within_step: not supported (the family attends fully within a group, as trained).
+        use_cache: False recomputes the whole prefix at every call (same logits; for tests).
+        compile: torch.compile the cached call (dynamic shapes).
+        cache_dtype: dtype of the KV cache (default: the weights').
+    """
+
+    def __init__(self, model: LlamaGen, conditions: Tensor, order: Tensor, tokens_per_step: Sequence[int],
+                 grid: tuple[int, int], causal_within_step: bool = False, use_cache: bool = True,
+                 compile: bool = False, cache_dtype: Optional[torch.dtype] = None):
+        cfg, device, rows = model.config, conditions.device, conditions.shape[0]
+        require(not causal_within_step, "causal_within_step=True is for ARPG only: LlamaGen and PAR decode as they "
+                                        "are trained (full attention within each group of n); leave it False")
+        require(tuple(grid) == model.grid, f"grid: the model decodes its own {model.grid} grid, got {tuple(grid)}")
+        require(tuple(tokens_per_step) == model.decode_steps(),
+                f"tokens_per_step must be the model's own schedule (n = {cfg.regions}: {cfg.regions} single steps, "
+                f"then {cfg.regions} per step), got {list(tokens_per_step)}")
+        own = model.slot_order(device)
+        require(order.shape[-1] == own.shape[0] and torch.equal(order.to(device), own.expand_as(order)),
+                f"order must be the model's own ({REGION_ORDERS[cfg.regions]!r})")
+        self.model, self.step = model, 0
+        self.ends = list(itertools.accumulate(tokens_per_step))
+        self.rope = model.sequence_rope(model.sequence_positions(device))[None]  # (1, T + n, D/2, 2)
+        self.class_inputs = model.cls_embedding.embedding_table(model.class_ids(conditions))[:, None]  # (rows, 1, dim)
+        dtype = model.tok_embeddings.weight.dtype
+        T = cfg.block_size  # the inputs fed: sequence positions 0 .. T - 1 (the last group is never fed)
+        if use_cache:
+            shape = (cfg.n_layer, rows, cfg.n_head, T, cfg.head_dim)
+            self.k_cache = torch.zeros(shape, dtype=cache_dtype or dtype, device=device)
+            self.v_cache = torch.zeros(shape, dtype=cache_dtype or dtype, device=device)
+            self.step_fn = _compiled_step() if compile else _cached_step
+        else:
+            self.k_cache = None
+            self.inputs = torch.zeros(rows, T, cfg.dim, dtype=dtype, device=device)
+            self.mask = model.sequence_mask(device)[:T, :T]
+
+    def __call__(self, fed: Optional[Tensor]) -> Tensor:
+        model, n = self.model, self.model.config.regions
+        start = self.ends[self.step - 1] if self.step else 0
+        end = self.ends[self.step]
+        if fed is None:
+            x = self.class_inputs
+        else:
+            x = model.tok_embeddings(fed)  # (rows, m, dim)
+            if self.step == n:  # the transition step: slot n - 1, then the transition tokens
+                x = torch.cat([x, model.transition_embeddings(x.shape[0])], dim=1)
+        self.step += 1
+        if self.k_cache is not None:
+            return self.step_fn(model, x, self.rope[:, start:end], self.k_cache, self.v_cache, start)
+        self.inputs[:, start:end] = x
+        h = model.transformer(self.inputs[:, :end], self.rope[:, :end], attn_mask=self.mask[:end, :end])
+        return model.head(h[:, start:end])
