@@ -7,6 +7,7 @@ and the published `.pt` files, `arpg.sample.generate` draws images with the sett
 
 from arpg.models import MODEL_SIZES, create_model
 from arpg.models.arpg import ARPG, ARPGConfig
+from arpg.models.llamagen import LlamaGen, LlamaGenConfig
 
-__all__ = ["ARPG", "ARPGConfig", "MODEL_SIZES", "create_model"]
+__all__ = ["ARPG", "ARPGConfig", "LlamaGen", "LlamaGenConfig", "MODEL_SIZES", "create_model"]
 __version__ = "0.1.0"

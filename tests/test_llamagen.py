@@ -271,6 +271,16 @@ def test_bad_combinations_name_the_option(overrides, name):
     sample.generate(model, [1], order="regions4", schedule="regions", steps=19)  # its own are fine
 
 
+@pytest.mark.slow
+def test_compiled_step_gives_the_same_tokens():
+    # torch.compile on CPU builds C++ kernels: minutes on 2 cores, hence slow.
+    model = _random_model("PAR-tiny")
+
+    def draw(compile):
+        return sample.generate(model, [0, 1, 2], cfg=2.0, compile=compile, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draw(False), draw(True))
+
+
 def test_decode_loop_never_syncs(monkeypatch):
     model = _random_model("PAR-tiny")
     options = SamplingOptions(cfg=3.0, top_k=5, top_p=0.8)
@@ -467,3 +477,35 @@ def test_sample_fid_reads_a_par_pt_at_its_grid_and_resizes(tmp_path):
     resized = torch.nn.functional.interpolate(torch.from_numpy(full).permute(2, 0, 1)[None].double(), size=(16, 16),
                                               mode="bicubic")[0].permute(1, 2, 0).clamp(0, 255)
     assert np.abs(resized.numpy() - small).max() <= 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The three-family digits benchmark
+
+
+# 20 samples span at most 19 feature dimensions: their covariance is singular by construction.
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+def test_bench_families_reduced_run_writes_every_field(tmp_path, capsys):
+    from arpg.reports.families import BenchFamiliesConfig, bench_families
+
+    small = ["max_steps=2", "tensorboard=false", "sample.per_class=0", "sample.eval_samples=0", "model.dim=16",
+             "model.n_layer=2", "model.n_head=2", "model.multiple_of=16", "optim.batch_size=16"]
+    families = {"ARPG": [], "LlamaGen": ["experiment=digits_llamagen"], "PAR-4x": ["experiment=digits_par"]}
+    config = BenchFamiliesConfig(families=families, train_overrides=small, train_root=str(tmp_path / "runs"), steps=[1, 8], samples=20,
+                                 batch_size=20, speed_rounds=1, device="cpu", output_json=str(tmp_path / "f.json"),
+                                 output_plot=str(tmp_path / "f.png"))
+    bench_families(config)
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert [f["label"] for f in report["families"]] == ["ARPG", "LlamaGen", "PAR-4x"]
+    assert {f["train_steps"] for f in report["families"]} == {2}  # equal training steps
+    calls = [(r["family"], r["forward_calls"]) for r in report["results"]]
+    assert calls == [("ARPG", 1), ("ARPG", 8), ("LlamaGen", 64), ("PAR-4x", 19)]
+    for row in report["results"]:
+        assert 0 <= row["accuracy"] <= 1 and row["frechet"] > 0 and row["images_per_s"] > 0
+    with Image.open(tmp_path / "f.png") as plot:
+        assert plot.format == "PNG" and plot.width > 500
+    assert "| family | parameters | forward calls | accuracy | frechet | images/s |" in \
+        " ".join(capsys.readouterr().out.split())
+    assert compose_config("bench_families", BenchFamiliesConfig) == BenchFamiliesConfig()
+    with pytest.raises(ValueError, match="sampling.steps"):
+        bench_families(replace(config, sampling=SamplingOptions(steps=8)))
