@@ -195,7 +195,8 @@ def infer_config(state: Mapping[str, Tensor], model_name: Optional[str] = None,
     family, fields = _recognise_family(state, source)
     sizes = {name: size for name, (family_name, size) in MODEL_SIZES.items() if family_name == family.name}
     if model_name is None:
-        matches = [name for name, size in sizes.items() if (size["dim"], size["n_layer"]) == (fields["dim"], fields["n_layer"])]
+        matches = [name for name, size in sizes.items()
+                   if (size["dim"], size["n_layer"]) == (fields["dim"], fields["n_layer"])]
         if not matches:
             raise ValueError(f"{source}: no registered {family.name} size has dim={fields['dim']}, "
                              f"n_layer={fields['n_layer']}; pass model_name= one of {sorted(sizes)} (or a config)")

@@ -94,5 +94,5 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return build_model(model_config(name, **overrides))
 
 
-__all__ = ["ARPG", "ARPGConfig", "FAMILIES", "LlamaGen", "LlamaGenConfig", "Family", "MODEL_SIZES", "build_model", "create_model", "family_of",
-           "model_config"]
+__all__ = ["ARPG", "ARPGConfig", "FAMILIES", "Family", "LlamaGen", "LlamaGenConfig", "MODEL_SIZES", "build_model",
+           "create_model", "family_of", "model_config"]

@@ -160,7 +160,8 @@ def _plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for index, family in enumerate(report["families"]):
-        rows = sorted((r for r in report["results"] if r["family"] == family["label"]), key=lambda r: r["forward_calls"])
+        rows = sorted((r for r in report["results"] if r["family"] == family["label"]),
+                      key=lambda r: r["forward_calls"])
         style = "o-" if len(rows) > 1 else "*"
         label = f"{family['label']} ({family['parameters'] / 1e3:.0f}k parameters)"
         for ax, key in zip(axes, ("accuracy", "frechet", "images_per_s")):
@@ -178,7 +179,7 @@ def _plot(report: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     steps = ", ".join(f"{f['label']} {f['train_steps']}" for f in report["families"])
-    fig.suptitle(f"digits, three families at equal training steps ({steps}); "
+    fig.suptitle(f"digits: ARPG, LlamaGen and PAR at equal training steps ({steps}); "
                  f"{report['config']['samples']} samples per point, cfg {report['config']['sampling']['cfg']}")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
