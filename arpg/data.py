@@ -204,6 +204,16 @@ class TokenDataset(Dataset):
     def tokenizer(self) -> str:
         return self.manifest["tokenizer"]
 
+    @property
+    def tokenizer_file(self) -> Optional[str]:
+        """The tokenizer weights the codes were extracted with, when the extraction recorded them."""
+        return self.manifest.get("tokenizer_file")
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What this data set is, wherever it lives (a training run records it, a resume compares it)."""
+        return _identity(self)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         rng = np.random.default_rng([self.seed, epoch])
@@ -237,7 +247,7 @@ class InMemoryTokenDataset(Dataset):
     """Token sequences held in memory, with the same interface as `TokenDataset`."""
 
     def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, grid_size: tuple[int, int],
-                 codebook_size: int, num_classes: int):
+                 codebook_size: int, num_classes: int, tokenizer: str = "unknown"):
         if tokens.shape != (labels.shape[0], grid_size[0] * grid_size[1]):
             raise ValueError(f"tokens must have shape ({labels.shape[0]}, {grid_size[0] * grid_size[1]}), "
                              f"got {tuple(tokens.shape)}")
@@ -246,6 +256,13 @@ class InMemoryTokenDataset(Dataset):
         self.grid_size = tuple(grid_size)
         self.codebook_size = codebook_size
         self.num_classes = num_classes
+        self.tokenizer = tokenizer  # the identity of the tokenizer that made the tokens
+        self.tokenizer_file = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What this data set is (a training run records it, a resume compares it)."""
+        return _identity(self)
 
     def set_epoch(self, epoch: int) -> None:
         """No augmentations to choose from; kept for interface parity with TokenDataset."""
@@ -279,7 +296,12 @@ def digits_dataset(split: str | None = None) -> InMemoryTokenDataset:
         is_test = torch.arange(len(labels)) % 5 == 4
         keep = is_test if split == "test" else ~is_test
         tokens, labels = tokens[keep], labels[keep]
-    return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10)
+    return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10, tokenizer="pixel17")
+
+
+def _identity(dataset: TokenDataset | InMemoryTokenDataset) -> dict[str, Any]:
+    return {"count": len(dataset), "grid_size": list(dataset.grid_size), "codebook_size": dataset.codebook_size,
+            "num_classes": dataset.num_classes, "tokenizer": dataset.tokenizer}
 
 
 DATA_CHOICES = ("digits", "codes")
@@ -293,7 +315,14 @@ class DataSettings:
     name: str = "digits"
     path: Optional[str] = None
     split: Optional[str] = None  # digits only: None (all 1797), "train" or "test"
-    num_workers: int = 0
+    num_workers: Optional[int] = 0  # loader processes; None: one per core but one (at most 8)
+
+    @property
+    def label(self) -> str:
+        """A short name for runs on this data: "digits" (or "digits_test"), or data.path's folder name."""
+        if self.name == "digits":
+            return "digits" + (f"_{self.split}" if self.split else "")
+        return Path(self.path).resolve().name
 
     def validate(self) -> None:
         """Raise `SettingError` naming the first bad key (prefixed `data.`)."""
@@ -306,7 +335,8 @@ class DataSettings:
                     f"with scripts/extract_codes.py or point data.path at it")
         else:
             require(self.split in DIGITS_SPLITS, f"data.split must be one of {DIGITS_SPLITS}, got {self.split!r}")
-        require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        require(self.num_workers is None or self.num_workers >= 0,
+                f"data.num_workers must be >= 0 or null (one per core but one), got {self.num_workers}")
 
 
 def build_dataset(data: DataSettings, seed: int = 0) -> TokenDataset | InMemoryTokenDataset:

@@ -267,7 +267,7 @@ def test_extract_config_errors(image_tree, tmp_path):
 
 def test_extract_script_and_yaml_mirror_the_config(image_tree, tmp_path):
     yaml_text = (REPO / "configs" / "extract_codes.yaml").read_text()
-    assert yaml_text.splitlines()[0] == "defaults: [extract_codes_schema, _self_]"
+    assert yaml_text.splitlines()[0] == "defaults: [extract_codes_schema, quiet_hydra, _self_]"
     keys = {line.split(":")[0] for line in yaml_text.splitlines() if line and line[0].isalpha()}
     assert keys - {"defaults"} == {f.name for f in fields(ExtractConfig)}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,7 +20,9 @@ from PIL import Image
 from arpg import create_model
 from arpg.checkpoint import save
 from arpg.cli import compose_config
+from arpg.errors import SettingError
 from arpg.eval import EvalConfig, evaluate_npz
+from arpg.files import FolderLock
 from arpg.sample import SamplingOptions
 from arpg.sample_fid import SETTINGS_FILE, SampleFIDConfig, image_path, image_seed, npz_path, sample_fid
 from arpg.tokenizer import VQConfig, VQTokenizer
@@ -141,8 +145,48 @@ def test_other_settings_in_the_same_folder_are_refused(weights, tmp_path):
     config = make_config(weights, tmp_path / "s", num_images=2)
     sample_fid(config)
     assert json.loads((tmp_path / "s" / SETTINGS_FILE).read_text())["sampling"]["cfg"] == 2.0
-    with pytest.raises(ValueError, match="sampling.cfg=2.0 there, 3.0 now"):
+    with pytest.raises(ValueError, match="sampling.cfg: 2.0 there, 3.0 now"):
         sample_fid(replace(config, sampling=config.sampling.replace(cfg=3.0)))
+
+
+def test_other_weights_under_the_same_path_are_refused(weights, tmp_path):
+    """The folder records what the weights and the tokenizer are (their content), not where they lie."""
+    checkpoint, vq = tmp_path / "model.safetensors", tmp_path / "vq.safetensors"
+    shutil.copy(weights["checkpoint"], checkpoint)
+    shutil.copy(weights["vq_ckpt"], vq)
+    config = make_config({"checkpoint": checkpoint, "vq_ckpt": vq}, tmp_path / "s", num_images=4)
+    sample_fid(config)
+    retrained = create_model("ARPG-tiny", dim=64, vocab_size=32, block_size=16, num_classes=NUM_CLASSES)
+    save(retrained, checkpoint)  # "retrain": new weights, same file name
+    with pytest.raises(ValueError, match=r"other settings \(checkpoint_sha256: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now\)"):
+        sample_fid(replace(config, num_images=8))
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+    # The very same files moved elsewhere are the same weights: resumed.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(weights["checkpoint"], moved / "a.safetensors")
+    shutil.move(vq, moved / "b.safetensors")
+    sample_fid(replace(config, checkpoint=str(moved / "a.safetensors"), vq_ckpt=str(moved / "b.safetensors"),
+                       num_images=6))
+    assert len(list((tmp_path / "s").glob("*.png"))) == 6
+
+
+def test_a_failed_start_leaves_the_folder_usable(weights, tmp_path):
+    out = tmp_path / "s"
+    # 100 steps for 4x4 tokens: found against the model, before anything is written.
+    with pytest.raises(SettingError, match=re.escape("sampling.steps must be in [1, 16], got 100")):
+        sample_fid(make_config(weights, out, num_images=2, sampling=SamplingOptions(steps=100)))
+    assert not (out / SETTINGS_FILE).exists() and not list(out.glob("*.png"))
+    sample_fid(make_config(weights, out, num_images=2))  # the corrected run is not refused
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_a_second_sampler_on_the_same_folder_is_refused(weights, tmp_path):
+    out = tmp_path / "s"
+    with FolderLock(out, "FID sampling"):
+        with pytest.raises(SettingError, match=rf"is in use by process {os.getpid()} "):
+            sample_fid(make_config(weights, out, num_images=2))
+    assert not list(out.glob("*.png"))
 
 
 def test_image_seeds_are_distinct_and_stable():
