@@ -13,6 +13,10 @@ class SettingError(ValueError):
     """A setting, argument or input file that is not allowed; the message says which and why."""
 
 
+class MissingPrerequisites(SettingError):
+    """Files or packages a command needs and does not find; the message names all of them at once."""
+
+
 def require(ok: bool, message: str) -> None:
     """Raise `SettingError(message)` unless `ok`."""
     if not ok:

@@ -21,7 +21,7 @@ from arpg import create_model
 from arpg.checkpoint import save
 from arpg.cli import compose_config
 from arpg.errors import SettingError
-from arpg.eval import EvalConfig, evaluate_npz
+from arpg.eval import EvalConfig, evaluate_npz, feature_statistics, frechet_distance, precision_recall
 from arpg.files import FolderLock
 from arpg.sample import SamplingOptions
 from arpg.sample_fid import SETTINGS_FILE, SampleFIDConfig, image_path, image_seed, npz_path, sample_fid
@@ -132,13 +132,21 @@ def test_rerun_generates_only_the_missing_images(weights, tmp_path, capsys):
 
 
 def test_npz_reads_back_through_the_evaluator(weights, tmp_path):
-    """The streamed npz is what arpg.eval (and ADM's evaluator) expects: uint8 (N, H, W, 3) under arr_0."""
+    """The streamed npz is what arpg.eval (and ADM's evaluator) expects: uint8 (N, H, W, 3) under arr_0,
+    holding exactly the PNGs: evaluated against another image set, it scores what the PNGs score."""
     sample_fid(make_config(weights, tmp_path / "a", num_images=8))
-    features = lambda images: (images.reshape(len(images), -1)[:, :6].astype(np.float64),  # noqa: E731
-                               np.full((len(images), 4), 0.25))
-    results = evaluate_npz(npz_path(tmp_path / "a"), npz_path(tmp_path / "a"), extractor=features, splits=2, k=2)
-    assert results["num_samples"] == 8
-    assert results["fid"] == pytest.approx(0.0, abs=1e-6)  # the same images on both sides
+    reference = np.random.default_rng(0).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=reference)
+
+    def features(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return images.reshape(len(images), -1)[:, :6].astype(np.float64), np.full((len(images), 4), 0.25)
+
+    results = evaluate_npz(npz_path(tmp_path / "a"), tmp_path / "ref.npz", extractor=features, splits=2, k=2)
+    pngs = read_pngs(tmp_path / "a", 8)
+    expected = frechet_distance(*feature_statistics(features(pngs)[0]), *feature_statistics(features(reference)[0]))
+    assert results["num_samples"] == 8 and expected > 1
+    assert results["fid"] == pytest.approx(expected, rel=1e-9)
+    assert (results["precision"], results["recall"]) == precision_recall(features(reference)[0], features(pngs)[0], k=2)
 
 
 def test_other_settings_in_the_same_folder_are_refused(weights, tmp_path):
