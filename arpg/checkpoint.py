@@ -132,7 +132,10 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], Optional[dict]]:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt): {err}") from None
-    config = json.loads(metadata["arpg_config"]) if "arpg_config" in metadata else None
+    try:
+        config = json.loads(metadata["arpg_config"]) if "arpg_config" in metadata else None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its 'arpg_config' metadata is not valid JSON ({err})") from None
     log.info("%s: safetensors (%s weights)", path, metadata.get("weights", "unrecorded"))
     return state, config
 

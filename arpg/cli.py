@@ -77,13 +77,16 @@ def hydra_main(fn: Callable[[T], Any], schema: type[T], config_name: str,
     """Compose `configs/<config_name>.yaml` (validated by `schema`) from the command line and call
     `fn`; a user's error ends the process with one line (see the module docstring)."""
     register_schema(config_name, schema)
+    traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    if traceback:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then re-raises instead of printing a trimmed trace
 
     @hydra.main(version_base=None, config_path=str(config_dir), config_name=config_name)
     def _run(cfg: DictConfig) -> None:
         try:
             fn(to_dataclass(cfg, schema))
         except USER_ERRORS as err:
-            if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            if traceback:
                 raise
             message = " ".join(str(err).split())
             print(f"error: {message} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr, flush=True)

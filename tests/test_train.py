@@ -379,23 +379,25 @@ def test_loss_falls_well_below_uniform_on_digits(tmp_path):
 # Multi-process
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, strategy):
-    """torchrun x 2 (gloo, 1 micro-batch each; DDP or FSDP2) == 1 process accumulating 2 micro-batches.
+def test_two_processes_ddp_and_fsdp_equal_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun x 2 (gloo, 1 micro-batch each; DDP, then FSDP2) == 1 process accumulating 2 micro-batches.
 
     Both cut each global batch of 16 into the same two slices of 8, and a slice's order, class
     dropout and dropout masks are derived from (seed, step, slice), so the updates agree up to
-    float summation order. About 15-50 s each on 2 cores.
+    float summation order. Under FSDP each process holds only its shard of every parameter and of
+    its EMA (checked inside the processes by tests/two_process_training.py).
     """
-    common = [*SMALL, "max_steps=4", "runtime.device=cpu"]
-    multi_dir, single_dir = tmp_path / strategy, tmp_path / "single"
+    common = [*SMALL, "max_steps=2", "runtime.device=cpu"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    subprocess.run([*launch, str(REPO / "scripts" / "train.py"), *common, f"runtime.strategy={strategy}",
-                    f"out_dir={multi_dir}"], check=True, env=env, cwd=tmp_path, timeout=300)
-    train(make_config(*common, "optim.grad_accum=2", f"out_dir={single_dir}"))
-    multi = checkpoint_state(multi_dir / "checkpoints" / "step_0000004.pt")
-    single = checkpoint_state(single_dir / "checkpoints" / "step_0000004.pt")
-    assert len(multi["rng"]) == 2 and len(single["rng"]) == 1  # one RNG state per process
-    assert_states_equal(multi, single)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*launch, str(REPO / "tests" / "two_process_training.py"), str(tmp_path), *common],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    train(make_config(*common, "optim.grad_accum=2", f"out_dir={tmp_path / 'single'}"))
+    single = checkpoint_state(tmp_path / "single" / "checkpoints" / "step_0000002.pt")
+    for strategy in ("ddp", "fsdp"):
+        multi = checkpoint_state(tmp_path / strategy / "checkpoints" / "step_0000002.pt")
+        assert len(multi["rng"]) == 2 and len(single["rng"]) == 1  # one RNG state per process
+        assert_states_equal(multi, single)
+    held = [tuple(map(int, (tmp_path / f"fsdp_rank{r}.txt").read_text().split())) for r in (0, 1)]
+    total = sum(v.numel() for v in single["model"].values())
+    assert [t for _, t in held] == [total, total] and sum(h for h, _ in held) == total  # two halves, no overlap

@@ -93,7 +93,7 @@ def _save_sample_grid(model: nn.Module, config: TrainConfig, tokenizer, path: Pa
 def _make_accelerator(runtime: RuntimeSettings):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     # accelerate keeps precision and sharding settings in a process-wide singleton that refuses to
     # change; train() may run several times in one process (tests, notebooks) with other settings.
@@ -105,8 +105,14 @@ def _make_accelerator(runtime: RuntimeSettings):
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=["SelfDecoder", "CrossDecoder"],
             reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
-    return Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision,
-                       fsdp_plugin=fsdp_plugin)
+    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision,
+                              fsdp_plugin=fsdp_plugin)
+    if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate enables FSDP for GPU processes only and silently falls back to DDP on CPU ones;
+        # FSDP2 itself shards over gloo as well, so CPU runs shard like GPU runs (and CI tests it).
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = fsdp_plugin
+    return accelerator
 
 
 def _optimizer(model: nn.Module, optim: OptimSettings, device: torch.device) -> torch.optim.AdamW:
