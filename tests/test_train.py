@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from arpg.errors import SettingError
 from arpg.files import LOCK_NAME, FolderLock
 from arpg.quality import digits_class_accuracy, digits_judge
 from arpg.tokenizer import VQConfig, VQTokenizer
-from arpg.train import TrainConfig, learning_rate, train
+from arpg.train import TrainConfig, TrainResult, learning_rate, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -345,6 +347,137 @@ def test_training_on_codes_takes_tokenizer_classes_and_name_from_the_data(tmp_pa
         train(make_config(*small, "data=codes", "data.path=data/my_codes", "optim.batch_size=8",
                           "sample.classes=[0,1,2,3,4,5,6,7,8,9]", "name=other"))
     assert not (tmp_path / "runs" / "other").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection: SIGKILL anywhere, then resume
+
+
+# 8 steps of 2 accumulated micro-batches, a checkpoint every 2 (2 kept: pruning runs), the EMA
+# export and a sample grid at the end: every kind of write the loop does.
+FAULTS = [*RESUME, "keep_checkpoints=2", "sample.per_class=1"]
+
+
+def _in_child(fn) -> int:
+    """Run fn() in a forked copy of this process; its exit status (-9: killed by SIGKILL)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _probe_writes(kill_at: int | None, events: list[str]) -> None:
+    """In a child: record every write event of the run in `events`, and SIGKILL the process at the
+    `kill_at`-th (1-based). Events: an optimizer step; a file fully written to its temporary name
+    (torch.save, safetensors, PNG; the kill cuts that file to half first: a write cut short); an
+    fsync; a rename into place; a deletion (pruning, cleanup, the lock's release)."""
+    import arpg.checkpoint
+
+    def hit(what: str, partial: object = None) -> None:
+        events.append(what)
+        if len(events) == kill_at:
+            if partial is not None and Path(partial).is_file():
+                Path(partial).write_bytes(Path(partial).read_bytes()[: Path(partial).stat().st_size // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_writing(what, write):
+        def wrapped(*args, **kwargs):
+            result = write(*args, **kwargs)
+            hit(what, partial=args[1])  # the file argument of torch.save, save_file, Image.save
+            return result
+        return wrapped
+
+    def before(what, call):
+        def wrapped(*args, **kwargs):
+            hit(what)
+            return call(*args, **kwargs)
+        return wrapped
+
+    torch.save = after_writing("torch.save", torch.save)
+    arpg.checkpoint.save_file = after_writing("safetensors", arpg.checkpoint.save_file)
+    Image.Image.save = after_writing("png", Image.Image.save)
+    os.fsync, os.replace = before("fsync", os.fsync), before("rename", os.replace)
+    Path.unlink = before("unlink", Path.unlink)
+    torch.optim.AdamW.step = before("step", torch.optim.AdamW.step)
+
+
+def _assert_same(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def _final_outputs(out_dir: Path) -> dict:
+    """What a finished run leaves: its last training state, the exported EMA weights (tensors and
+    metadata: safetensors orders the metadata differently from one process to the next) and the PNG."""
+    from safetensors import safe_open
+
+    state = checkpoint_state(out_dir / "checkpoints" / "step_0000008.pt")
+    with safe_open(str(out_dir / "model.safetensors"), "pt") as f:
+        exported = {"metadata": f.metadata(), "tensors": {k: f.get_tensor(k) for k in f.keys()}}
+    return {"state": {k: state[k] for k in ("run", "model", "ema", "optimizer", "step", "lr_schedule", "data")},
+            "model.safetensors": exported, "final.png": (out_dir / "samples" / "final.png").read_bytes()}
+
+
+def _kill_and_resume(tmp_path: Path, every: int | None = None, only: tuple[str, ...] = ()) -> tuple[int, list[str]]:
+    """Kill a run at write events (all, or the first of each kind in `only`), resume it each time and
+    compare with an uninterrupted run. Returns (events in a run, kill points tried)."""
+    events: list[str] = []
+    log = tmp_path / "events.txt"
+    config = make_config(*FAULTS)  # composed once: the runs differ only in their folder
+
+    def run(out_dir: Path) -> TrainResult:
+        return train(dataclasses.replace(config, out_dir=str(out_dir)))
+
+    def counted() -> None:
+        _probe_writes(None, events)
+        run(tmp_path / "counted")
+        log.write_text("\n".join(events))
+
+    run(tmp_path / "reference")  # in this process: the children forked from it start warm
+    expected = _final_outputs(tmp_path / "reference")
+    assert _in_child(counted) == 0
+    events = log.read_text().splitlines()
+    _assert_same(_final_outputs(tmp_path / "counted"), expected, "a forked uninterrupted run")
+    points = range(1, len(events) + 1) if not only else [events.index(kind) + 1 for kind in only]
+    for point in points:
+        out_dir = tmp_path / f"killed_at_{point}"
+        assert _in_child(lambda: (_probe_writes(point, []), run(out_dir))) == -signal.SIGKILL, \
+            f"event {point} ({events[point - 1]}) did not kill the run"
+        assert _in_child(lambda: run(out_dir)) == 0
+        _assert_same(_final_outputs(out_dir), expected, f"killed at {point} ({events[point - 1]})")
+        leftovers = [p.name for p in out_dir.rglob("*") if p.name.endswith((".tmp", ".corrupt")) or p.name == LOCK_NAME]
+        assert not leftovers, f"killed at {point} ({events[point - 1]}): {leftovers}"
+    return len(events), [events[p - 1] for p in points]
+
+
+def test_a_run_killed_inside_its_writes_resumes_bit_identical(tmp_path):
+    """SIGKILL mid-way through writing a checkpoint and the exported weights (the file cut to half),
+    and right before a checkpoint's rename: each resumed run ends bit-identical to an uninterrupted
+    one and leaves no temporary file. The slow test below kills at every write event."""
+    _, tried = _kill_and_resume(tmp_path, only=("torch.save", "safetensors", "rename"))
+    assert tried == ["torch.save", "safetensors", "rename"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_write_event_resumes_bit_identical(tmp_path):
+    count, tried = _kill_and_resume(tmp_path)
+    print(f"{count} kill points, every resumed run bit-identical: {sorted(set(tried))}")
+    assert count == len(tried) > 30
 
 
 # ---------------------------------------------------------------------------------------------
