@@ -591,7 +591,8 @@ def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> 
     tokenizer_file = config.vq_ckpt if tokenizer is None and config.tokenizer == "vq16" else None
     tokenizer = tokenizer or load_tokenizer(config.tokenizer, config.vq_ckpt, config.pixel_levels)
     require(config.image_size % tokenizer.downsample == 0,
-            f"image_size must be a multiple of the tokenizer's downsample {tokenizer.downsample}, got {config.image_size}")
+            f"image_size must be a multiple of the tokenizer's downsample {tokenizer.downsample}, "
+            f"got {config.image_size}")
     classes, files = _list_image_folder(Path(config.data_path))
     batch_size = config.batch_size or default_batch_size(tokenizer, config.image_size, device)
     workers = worker_count(config.num_workers)
@@ -600,7 +601,8 @@ def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> 
     side = config.image_size // tokenizer.downsample
     views = _num_views(config.augment)
     num_shards = math.ceil(len(files) / config.shard_size)
-    with FolderLock(config.output_dir, "code extraction"), tqdm(total=len(files), desc="extract", unit="img") as progress:
+    with (FolderLock(config.output_dir, "code extraction"),
+          tqdm(total=len(files), desc="extract", unit="img") as progress):
         writer = ShardWriter(
             config.output_dir, grid_size=(side, side), codebook_size=tokenizer.codebook_size,
             tokenizer=tokenizer.identity, augmentations=views, num_classes=len(classes), class_names=classes,

@@ -235,7 +235,7 @@ def _missing_indices(output_dir: Path, num_images: int) -> list[int]:
 def _recorded_settings(config: SampleFIDConfig) -> dict:
     """What decides the images: the settings, and the weights and tokenizer by content (SHA-256);
     their paths are kept for the reader under "files" and not compared."""
-    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_RECORDED and k not in ("checkpoint", "vq_ckpt")}
+    settings = {k: v for k, v in asdict(config).items() if k not in (*_NOT_RECORDED, "checkpoint", "vq_ckpt")}
     settings["sampling"] = {k: v for k, v in settings["sampling"].items() if k not in _NOT_RECORDED_SAMPLING}
     settings["checkpoint_sha256"] = file_digest(config.checkpoint)
     settings["tokenizer_sha256"] = file_digest(config.vq_ckpt) if config.tokenizer == "vq16" else None

@@ -3,30 +3,11 @@ written. The scripts run in this process (runpy), exactly as `python scripts/<na
 
 from __future__ import annotations
 
-import runpy
-import sys
-from pathlib import Path
-
 import pytest
 
 from arpg.cli import TRACEBACK_ENV
 from arpg.errors import SettingError
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run_script(name: str, *overrides: str) -> int:
-    """Run scripts/<name>.py with `overrides` as its command line; its exit status."""
-    argv = sys.argv
-    sys.argv = [str(REPO / "scripts" / f"{name}.py"), *overrides]
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as exit_:
-        return exit_.code
-    finally:
-        sys.argv = argv
-    return 0
-
+from conftest import run_script
 
 REQUIRED = {"train": [], "sample": ["checkpoint=x.safetensors"], "sample_fid": ["checkpoint=x.safetensors"],
             "extract_codes": ["data_path=/d", "output_dir=/o"], "evaluate": [], "bench_quality": [], "editing_demo": []}

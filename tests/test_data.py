@@ -7,8 +7,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from arpg.errors import SettingError
 from arpg.files import FolderLock
 from arpg.runtime import worker_count
 from arpg.tokenizer import PixelTokenizer, VQConfig, VQTokenizer
+from conftest import run_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -321,20 +320,16 @@ def test_extract_config_errors(image_tree, tmp_path):
         extract_codes(ExtractConfig(output_dir=str(tmp_path)))
 
 
-def test_extract_script_and_yaml_mirror_the_config(image_tree, tmp_path):
+def test_extract_script_and_yaml_mirror_the_config(image_tree, tmp_path, capsys):
     yaml_text = (REPO / "configs" / "extract_codes.yaml").read_text()
     assert yaml_text.splitlines()[0] == "defaults: [extract_codes_schema, quiet_hydra, _self_]"
     keys = {line.split(":")[0] for line in yaml_text.splitlines() if line and line[0].isalpha()}
     assert keys - {"defaults"} == {f.name for f in fields(ExtractConfig)}
 
     out = tmp_path / "out"
-    base = [sys.executable, str(REPO / "scripts" / "extract_codes.py"), f"data_path={image_tree}",
-            f"output_dir={out}", "tokenizer=pixel", "image_size=8", "num_workers=0", "device=cpu",
-            f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "extracted 36 images" in done.stdout
+    assert run_script("extract_codes", f"data_path={image_tree}", f"output_dir={out}", "tokenizer=pixel",
+                      "image_size=8", "num_workers=0", "device=cpu") == 0
+    assert "extracted 36 images" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["complete"]
 
 

@@ -297,9 +297,10 @@ def test_evaluate_config_reports_missing_weights(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(k=0), "k must be in [1, 7]"), (dict(k=9), "k must be in [1, 7]"), (dict(splits=0), "splits must be in [1, 8]"),
-    (dict(splits=9), "splits must be in [1, 8]"), (dict(batch_size=0), "batch_size must be >= 1"),
-    (dict(device="tpu"), "device must be"), (dict(extractor="pixels"), "extractor must be 'inception' or 'module:name'"),
+    (dict(k=0), "k must be in [1, 7]"), (dict(k=9), "k must be in [1, 7]"),
+    (dict(splits=0), "splits must be in [1, 8]"), (dict(splits=9), "splits must be in [1, 8]"),
+    (dict(batch_size=0), "batch_size must be >= 1"), (dict(device="tpu"), "device must be"),
+    (dict(extractor="pixels"), "extractor must be 'inception' or 'module:name'"),
     (dict(extractor="no_such_module:f"), "extractor 'no_such_module:f' cannot be imported"),
 ])
 def test_evaluate_rejects_bad_settings_before_extracting_features(tmp_path, monkeypatch, settings, message):

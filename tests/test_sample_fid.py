@@ -166,7 +166,8 @@ def test_other_weights_under_the_same_path_are_refused(weights, tmp_path):
     sample_fid(config)
     retrained = create_model("ARPG-tiny", dim=64, vocab_size=32, block_size=16, num_classes=NUM_CLASSES)
     save(retrained, checkpoint)  # "retrain": new weights, same file name
-    with pytest.raises(ValueError, match=r"other settings \(checkpoint_sha256: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now\)"):
+    digest = "'[0-9a-f]{64}'"
+    with pytest.raises(ValueError, match=rf"other settings \(checkpoint_sha256: {digest} there, {digest} now\)"):
         sample_fid(replace(config, num_images=8))
     assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
     # The very same files moved elsewhere are the same weights: resumed.

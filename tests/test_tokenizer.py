@@ -190,6 +190,7 @@ def test_bad_vq_metadata_names_the_file(tmp_path, golden_vq):
     from safetensors.torch import save_file
 
     path = tmp_path / "vq.safetensors"
-    save_file({k: v.contiguous() for k, v in golden_vq.state_dict().items()}, str(path), metadata={"vq_config": "{oops"})
+    tensors = {k: v.contiguous() for k, v in golden_vq.state_dict().items()}
+    save_file(tensors, str(path), metadata={"vq_config": "{oops"})
     with pytest.raises(ValueError, match=r"vq\.safetensors: its 'vq_config' metadata is not a VQConfig in JSON"):
         VQTokenizer.from_checkpoint(path)

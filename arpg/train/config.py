@@ -5,10 +5,11 @@
 and `experiment/`.
 
 Settings left None are taken from the data set (`resolve`): the run's name and folder, and the
-sample grids' tokenizer and classes (and their enlargement from the decoded images' size). So `python scripts/train.py data=codes
-data.path=data/my_codes` trains on one's own codes in `runs/tiny_my_codes` with grids decoded by the
-tokenizer the codes were made with. `plan_run` then checks every setting against the data (classes,
-vocabulary, grid, batch) before any model, data loading or output folder exists.
+sample grids' tokenizer and classes (their enlargement from the decoded images' size). So
+`python scripts/train.py data=codes data.path=data/my_codes` trains on one's own codes in
+`runs/tiny_my_codes` with grids decoded by the tokenizer the codes were made with. `plan_run`
+then checks every setting against the data (classes, vocabulary, grid, batch) before any model,
+data loading or output folder exists.
 """
 
 from __future__ import annotations

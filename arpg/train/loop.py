@@ -204,7 +204,8 @@ def train(config: TrainConfig) -> TrainResult:
         return _train(config, dataset, plan, accelerator, started)
 
 
-def _prepare_folder(config: TrainConfig, record: dict, dataset, accelerator) -> tuple[Optional[Path], Optional[dict], object]:
+def _prepare_folder(config: TrainConfig, record: dict, dataset,
+                    accelerator) -> tuple[Optional[Path], Optional[dict], object]:
     """On the main process (which holds the folder lock): remove what killed writes left, load the
     sample tokenizer, find the checkpoint to resume and check that it continues this run. Every
     process gets the resume path (and reads the state) or the same error."""
@@ -219,7 +220,7 @@ def _prepare_folder(config: TrainConfig, record: dict, dataset, accelerator) -> 
                                            pixel_levels=dataset.codebook_size)
                 require(tokenizer.codebook_size == dataset.codebook_size,
                         f"sample.tokenizer={config.sample.tokenizer} has {tokenizer.codebook_size} codes, the data "
-                        f"{dataset.codebook_size}; pick the tokenizer the data was made with (or sample.tokenizer=none)")
+                        f"{dataset.codebook_size}; leave sample.tokenizer unset (the data's own) or set it to none")
             path, state = find_resume_state(config.resume, ckpt_dir)
             if state is not None:
                 check_same_run(state, record, path, config.resume_changes)

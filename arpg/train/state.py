@@ -160,7 +160,8 @@ def check_same_run(state: dict, record: dict[str, Any], path: Path, allowed: Seq
     refused = [c for c in changes if c.split(".")[0].split(":")[0] not in allowed]
     keys = sorted({c.split(".")[0].split(":")[0] for c in refused})
     require(not refused, f"{path} continues a run with other settings ({'; '.join(refused)}); use the same "
-                         f"settings or another out_dir, or change them on purpose with resume_changes=[{','.join(keys)}]")
+                         f"settings or another out_dir, or change them on purpose with "
+                         f"resume_changes=[{','.join(keys)}]")
     for change in changes:
         log.warning("resuming %s with a deliberate change (resume_changes): %s", path, change)
 
