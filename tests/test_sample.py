@@ -426,3 +426,63 @@ def test_compiled_step_gives_the_same_tokens(model):
         return sample.generate(model, [0, 1, 2], steps=5, cfg=2.0, compile=compile,
                                generator=torch.Generator().manual_seed(0))
     assert torch.equal(draw(False), draw(True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear guidance where it runs
+
+
+def _recording_engines(calls):
+    """Wrap a step-engine factory so every engine records the raw (rows, n, V) logits it returns."""
+    def wrap(make):
+        def made(*args, **kwargs):
+            engine = make(*args, **kwargs)
+
+            def recording(fed):
+                logits = engine(fed)
+                calls.append(logits.clone())  # the loop mixes the guidance into these in place
+                return logits
+            return recording
+        return made
+    return wrap
+
+
+class _GuidedRecorder(TokenSampler):
+    """The real sampler, keeping the guided logits of every step it is given."""
+
+    seen: list = []
+
+    def __call__(self, slots, logits):
+        _GuidedRecorder.seen.append(logits.clone())
+        return super().__call__(slots, logits)
+
+
+def _assert_linear_ramp(raw, guided, sizes, known, total, cfg, batch):
+    assert len(raw) == len(guided) == len(sizes)
+    done = known
+    for both, mixed, n in zip(raw, guided, sizes):
+        done += n
+        scale = 1 + (cfg - 1) * done / total
+        cond, uncond = both[:batch], both[batch:]
+        torch.testing.assert_close(mixed, uncond + (cond - uncond) * scale, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_applies_the_linear_guidance_ramp_at_every_step(model, monkeypatch):
+    raw, _GuidedRecorder.seen = [], []
+    monkeypatch.setattr(model, "decoder", _recording_engines(raw)(model.decoder))
+    monkeypatch.setattr(sample.decode, "TokenSampler", _GuidedRecorder)
+    sample.generate(model, [0, 1, 2], steps=5, schedule="cosine", cfg=3.0, cfg_schedule="linear",
+                    generator=torch.Generator().manual_seed(0))
+    _assert_linear_ramp(raw, _GuidedRecorder.seen, decode_schedule(T, 5, "cosine"), 0, T, 3.0, 3)
+
+
+def test_inpaint_counts_the_known_tokens_in_the_linear_ramp(model, monkeypatch):
+    raw, _GuidedRecorder.seen = [], []
+    monkeypatch.setattr(sample.editing, "ARPGDecoder", _recording_engines(raw)(ARPGDecoder))
+    monkeypatch.setattr(sample.editing, "TokenSampler", _GuidedRecorder)
+    tokens = torch.randint(0, 16, (2, GRID, GRID), generator=torch.Generator().manual_seed(0))
+    keep = torch.zeros(GRID, GRID, dtype=torch.bool)
+    keep[:, :1] = True  # 4 known tokens, 12 to decode
+    sample.inpaint(model, tokens, keep, [0, 1], steps=4, schedule="linear", cfg=2.5, cfg_schedule="linear",
+                   generator=torch.Generator().manual_seed(0))
+    _assert_linear_ramp(raw, _GuidedRecorder.seen, decode_schedule(T - GRID, 4, "linear"), GRID, T, 2.5, 2)
