@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 
 from arpg.cli import compose_config
 from arpg.sample import SamplingOptions
