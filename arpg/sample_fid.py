@@ -57,6 +57,7 @@ from arpg.sample.decode import check_sampling, check_tokenizer
 from arpg.tokenizer import TOKENIZER_CHOICES, load_tokenizer
 
 SETTINGS_FILE = "sample_fid.json"
+PRECISION_CHOICES = ("autocast", "bf16")
 # Settings that decide how the images are made but not which images they are (device and amp
 # change only the float arithmetic): left out of SETTINGS_FILE, so a run may be resumed with
 # another batch size, device or image count.
@@ -79,6 +80,9 @@ class SampleFIDConfig:
     vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt, or our VQ .safetensors (any VQConfig; its config is stored)
     num_images: int = 50000  # image i has class i % num_classes
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # autocast (ours): float32 weights, norms and softmax inputs, bf16 matmuls on CUDA (sampling.amp) |
+    # bf16 (published): the whole model cast to bf16, as sample_c2i_ddp.py's --precision does
+    precision: str = "autocast"
     seed: int = 0
     batch_size: int = 64  # images per process per decode (the network sees twice that with guidance)
     output_dir: str = "samples/arpg"  # PNGs; the .npz goes next to it as <output_dir>.npz
@@ -121,7 +125,8 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
     with FolderLock(output_dir, "FID sampling") if rank == 0 else nullcontext():
         settings = _recorded_settings(config)
         _check_settings(settings, output_dir)
-        model = load_model(config.checkpoint, weights=config.weights, device=device)
+        model = load_model(config.checkpoint, weights=config.weights, device=device,
+                           dtype=torch.bfloat16 if config.precision == "bf16" else None)
         tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
         check_tokenizer(model, tokenizer)
         check_sampling(model, config.sampling)
@@ -286,6 +291,8 @@ def _validate(config: SampleFIDConfig) -> None:
     require(config.weights in WEIGHTS_CHOICES, f"weights must be one of {WEIGHTS_CHOICES}, got {config.weights!r}")
     require(config.tokenizer in TOKENIZER_CHOICES,
             f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")
+    require(config.precision in PRECISION_CHOICES,
+            f"precision must be one of {PRECISION_CHOICES}, got {config.precision!r}")
     require(config.num_images >= 1, f"num_images must be >= 1, got {config.num_images}")
     require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
     require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
