@@ -50,7 +50,8 @@ def test_arpg_preset_equals_the_published_run(published, preset):
 
 
 def _readme_fid_commands() -> list[tuple[list[str], str]]:
-    """(overrides, trailing comment) of every scripts/sample_fid.py command in the README's code blocks."""
+    """(overrides, trailing comment) of every scripts/sample_fid.py command of a published model
+    (checkpoint=.../arpg_*.pt) in the README's code blocks."""
     text = (REPO / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
@@ -59,7 +60,8 @@ def _readme_fid_commands() -> list[tuple[list[str], str]]:
             if "scripts/sample_fid.py" not in code:
                 continue
             arguments = shlex.split(code.split("scripts/sample_fid.py", 1)[1])
-            commands.append((arguments, comment))
+            if any(re.fullmatch(r"checkpoint=(.*/)?arpg_\w+\.pt", a) for a in arguments):
+                commands.append((arguments, comment))
     return commands
 
 
