@@ -26,6 +26,7 @@ from typing import IO, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 from scipy.linalg import sqrtm
 from scipy.special import xlogy
 from tqdm.auto import tqdm
@@ -278,7 +279,7 @@ class InceptionFeatures:
         images = torch.as_tensor(np.asarray(images))
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 of shape (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-        batch = images.permute(0, 3, 1, 2).contiguous().to(self.device)  # (B, 3, H, W)
+        batch = rearrange(images, "b h w c -> b c h w").contiguous().to(self.device)
         features, logits = self.network(batch)  # (B, 2048), (B, 1008)
         probs = logits.double().softmax(dim=1)
         return features.double().cpu().numpy(), probs.cpu().numpy()

@@ -123,8 +123,9 @@ def sample_fid(config: SampleFIDConfig) -> Path:
 def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.device) -> Path:
     output_dir, npz = Path(config.output_dir), npz_path(config.output_dir)
     with FolderLock(output_dir, "FID sampling") if rank == 0 else nullcontext():
-        settings = _recorded_settings(config)
-        _check_settings(settings, output_dir)
+        if rank == 0:  # rank 0 keeps the folder's books; if it refuses, the launcher stops the others
+            settings = _recorded_settings(config)
+            _check_settings(settings, output_dir)
         model = load_model(config.checkpoint, weights=config.weights, device=device,
                            dtype=torch.bfloat16 if config.precision == "bf16" else None)
         tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)

@@ -28,6 +28,7 @@ from arpg.files import LOCK_NAME, FolderLock
 from arpg.quality import digits_class_accuracy, digits_judge
 from arpg.tokenizer import VQConfig, VQTokenizer
 from arpg.train import TrainConfig, TrainResult, learning_rate, train
+from arpg.train.config import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,6 +81,9 @@ def test_default_config_is_the_tiny_digits_recipe():
     assert (config.model.name, config.data.name, config.order) == ("ARPG-tiny", "digits", "random")
     assert config.model.cls_rope == "identity"
     assert config.runtime.mixed_precision == "no" and config.sampling.steps == 8
+    resolved = resolve(config, digits_dataset())  # what the data decides: the name, folder and grids
+    assert (resolved.name, resolved.out_dir) == ("tiny_digits", "runs/tiny_digits")
+    assert (resolved.sample.tokenizer, resolved.sample.classes) == ("pixel", list(range(10)))
 
 
 def test_imagenet_experiment_is_the_published_recipe():
