@@ -97,15 +97,18 @@ class FolderLock:
     second claim, from any process, raises `SettingError` naming the holder. The kernel drops
     the lock when its process dies, however it dies; a lock file left by a dead holder is taken
     over with a warning naming it. Only the process that writes the folder's bookkeeping (rank 0
-    of a multi-process job) takes the lock.
+    of a multi-process job) takes the lock. A folder the lock created and nothing filled is
+    removed again on release: a job that fails at its start leaves nothing behind.
     """
 
     def __init__(self, folder: str | Path, job: str):
         self.folder, self.job = Path(folder), job
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
+        self._created = False
 
     def acquire(self) -> FolderLock:
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -137,6 +140,8 @@ class FolderLock:
             self.path.unlink(missing_ok=True)  # before unlocking, so a waiter never locks a file about to go
             os.close(self._fd)
             self._fd = None
+            if self._created and not any(self.folder.iterdir()):
+                self.folder.rmdir()  # a job that failed before writing anything leaves no folder behind
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -36,6 +36,13 @@ def test_a_user_error_is_one_line_and_leaves_nothing_behind(capsys, tmp_path, mo
     assert capsys.readouterr().err.startswith("error: sampling.top_p must be in (0, 1]")
     assert run_script("sample", "checkpoint=missing.safetensors", "tokenizer=pixel_digits") == 1
     assert capsys.readouterr().err.startswith("error: checkpoint not found: missing.safetensors")
+    assert run_script("sample", "checkpoint=missing.safetensors", "classes=[]") == 1
+    assert capsys.readouterr().err.startswith("error: classes must list at least one class id, got []")
+    # A text file given as the checkpoint to resume: the file named, nothing left behind.
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    assert run_script("train", f"resume={tmp_path / 'notes.pt'}", f"out_dir={out_dir}", "sample.per_class=0") == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'notes.pt'} is not a readable PyTorch file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.pt"]
     # The full traceback on request.
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(SettingError, match="sample.classes"):
