@@ -8,6 +8,8 @@ a `ValueError`.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SettingError(ValueError):
     """A setting, argument or input file that is not allowed; the message says which and why."""
@@ -23,15 +25,21 @@ def require(ok: bool, message: str) -> None:
         raise SettingError(message)
 
 
-def differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
-    """"key: A there, B now" for each (dotted, nested) key of `current` whose value differs from
-    `recorded`'s; keys `recorded` lacks are not compared (files written before they existed)."""
-    changes = []
+def differences(recorded: dict, current: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (recorded value, current value)} for each (nested) key of `current` whose value
+    differs from `recorded`'s; keys `recorded` lacks are not compared (files written before they
+    existed)."""
+    changes = {}
     for key, value in current.items():
         if key not in recorded:
             continue
         if isinstance(value, dict) and isinstance(recorded[key], dict):
-            changes += differences(recorded[key], value, f"{prefix}{key}.")
+            changes.update(differences(recorded[key], value, f"{prefix}{key}."))
         elif recorded[key] != value:
-            changes.append(f"{prefix}{key}: {recorded[key]!r} there, {value!r} now")
+            changes[prefix + key] = (recorded[key], value)
     return changes
+
+
+def describe_differences(changes: dict[str, tuple[Any, Any]]) -> str:
+    """"seed: 0 there, 1 now; data.count: ..." for `differences`' result."""
+    return "; ".join(f"{key}: {was!r} there, {now!r} now" for key, (was, now) in changes.items())

@@ -48,7 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from arpg.checkpoint import WEIGHTS_CHOICES, load_model
-from arpg.errors import differences, require
+from arpg.errors import describe_differences, differences, require
 from arpg.eval import NpzImages
 from arpg.files import FolderLock, atomic_write, file_digest, remove_partial_writes
 from arpg.runtime import derive_seed, resolve_device
@@ -256,7 +256,7 @@ def _check_settings(settings: dict, output_dir: Path) -> None:
         return
     recorded = json.loads(path.read_text())
     differ = differences(recorded, {k: v for k, v in settings.items() if k != "files"})
-    require(not differ, f"{output_dir} holds samples made with other settings ({'; '.join(differ)}); "
+    require(not differ, f"{output_dir} holds samples made with other settings ({describe_differences(differ)}); "
                         f"use another output_dir, or delete it to start over")
 
 

@@ -259,6 +259,7 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
     train_model = torch.compile(model) if config.runtime.compile else model
     wants_grids = config.sample.tokenizer != "none" and config.sample.per_class > 0  # the same on every process
     steps_per_epoch, total_steps, end_step = plan.steps_per_epoch, plan.total_steps, plan.end_step
+    workers = worker_count(config.data.num_workers, "data.num_workers")
 
     if accelerator.is_main_process:
         print(f"output folder: {run.out_dir}")
@@ -278,9 +279,7 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
             derive_seed(config.seed, _DATA_STREAM, epoch)))
         last_batch = min(steps_per_epoch, first_batch + end_step - run.step)
         batches = _RankBatches(permutation, optim.batch_size, rank, world, accum, first_batch, last_batch)
-        micro_batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches,
-                                                         num_workers=worker_count(config.data.num_workers,
-                                                                                  "data.num_workers"),
+        micro_batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                                          pin_memory=device.type == "cuda"))
         for _ in range(first_batch, last_batch):
             lr = learning_rate(run.step, total_steps, plan.warmup_steps, optim.lr, optim.min_lr)

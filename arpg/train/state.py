@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from arpg.errors import SettingError, differences, require
+from arpg.errors import SettingError, describe_differences, differences, require
 from arpg.files import atomic_write, read_torch_file
 from arpg.models import build_model
 from arpg.train.config import RunPlan, TrainConfig
@@ -154,16 +154,16 @@ def check_same_run(state: dict, record: dict[str, Any], path: Path, allowed: Seq
     `state`, except the sections in `allowed` (`resume_changes`); the model may never differ."""
     saved = state.get("run") or {"model": state["config"]["model"]}  # states written before run records
     changes = differences(saved, record)
-    model = [c for c in changes if c.startswith("model.")]
-    require(not model, f"{path} was trained with another model config ({'; '.join(model)}); use the same "
-                       f"model settings or another out_dir")
-    refused = [c for c in changes if c.split(".")[0].split(":")[0] not in allowed]
-    keys = sorted({c.split(".")[0].split(":")[0] for c in refused})
-    require(not refused, f"{path} continues a run with other settings ({'; '.join(refused)}); use the same "
-                         f"settings or another out_dir, or change them on purpose with "
-                         f"resume_changes=[{','.join(keys)}]")
-    for change in changes:
-        log.warning("resuming %s with a deliberate change (resume_changes): %s", path, change)
+    model = {k: v for k, v in changes.items() if k.startswith("model.")}
+    require(not model, f"{path} was trained with another model config ({describe_differences(model)}); use the "
+                       f"same model settings or another out_dir")
+    refused = {k: v for k, v in changes.items() if k.split(".")[0] not in allowed}
+    sections = ",".join(sorted({k.split(".")[0] for k in refused}))
+    require(not refused, f"{path} continues a run with other settings ({describe_differences(refused)}); use the "
+                         f"same settings or another out_dir, or change them on purpose with "
+                         f"resume_changes=[{sections}]")
+    for key, (was, now) in changes.items():
+        log.warning("resuming %s with a deliberate change (resume_changes): %s: %r there, %r now", path, key, was, now)
 
 
 @dataclass
