@@ -30,6 +30,9 @@ from arpg.sample.options import SamplingOptions
 from arpg.tokenizer import TOKENIZER_CHOICES
 
 DEVICE_CHOICES = ("auto", "cpu")
+# What a resume may change on request (`resume_changes`) of the run it continues (its
+# `run_record`): everything but the model, whose weights would not load.
+RESUME_CHANGES = ("data", "order", "seed", "batch_size", "total_steps", "warmup_steps")
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 STRATEGY_CHOICES = ("ddp", "fsdp")
 
@@ -199,11 +202,6 @@ def validate(config: TrainConfig) -> None:
             f"resume must be 'auto', 'none' or an existing checkpoint file, got {config.resume!r}")
     unknown = sorted(set(config.resume_changes) - set(RESUME_CHANGES))
     require(not unknown, f"resume_changes must name some of {list(RESUME_CHANGES)}, got {unknown}")
-
-
-# What identifies a run (`run_record`), and of it what a resume may change on request
-# (`resume_changes`): everything but the model, whose weights would not load.
-RESUME_CHANGES = ("data", "order", "seed", "batch_size", "total_steps", "warmup_steps")
 
 
 def resolve(config: TrainConfig, dataset: Any) -> TrainConfig:
