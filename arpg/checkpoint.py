@@ -148,13 +148,16 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], Optional[dict], Op
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt): {err}") from None
     # Files written before there were several families record an ARPG config as "arpg_config".
-    config_json = metadata.get("config", metadata.get("arpg_config"))
-    config = json.loads(config_json) if config_json is not None else None
+    config_key = "config" if "config" in metadata else "arpg_config"
+    try:
+        config = json.loads(metadata[config_key]) if config_key in metadata else None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its {config_key!r} metadata is not valid JSON ({err})") from None
     family = metadata.get("family", "arpg") if config is not None else None
     require(family is None or family in FAMILIES, f"{path} records the model family {family!r}, not one of "
                                                   f"{sorted(FAMILIES)}")
-    log.info("%s: safetensors, %s family (%s weights)", path, family or "unrecorded",
-             metadata.get("weights", "unrecorded"))
+    log.info("%s: safetensors (%s weights) of the %s family", path, metadata.get("weights", "unrecorded"),
+             family or "unrecorded")
     return state, config, family
 
 

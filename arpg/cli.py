@@ -4,11 +4,19 @@ Every script is a typed dataclass plus a library function. This module registers
 as the structured schema of `configs/<name>.yaml`, so an override with a typo, a wrong type or a
 missing required key is an error that names the key, and hands the function a real dataclass
 instance rather than a DictConfig.
+
+Errors a user causes (a bad setting, a missing or damaged file: `ValueError`, which includes
+`arpg.errors.SettingError`, and `FileNotFoundError`) end a script with one line on stderr naming
+the setting or file, and exit status 1; `ARPG_TRACEBACK=1` shows the full traceback instead.
+Scripts write nothing of Hydra's (no `outputs/`, no `hydra/` folder, no log file; see
+`configs/quiet_hydra.yaml`), and INFO logging shows on the console.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -16,11 +24,13 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from arpg.errors import require
+from arpg.errors import SettingError, require
 
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+TRACEBACK_ENV = "ARPG_TRACEBACK"
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def register_schema(name: str, schema: type) -> str:
@@ -35,8 +45,14 @@ def to_dataclass(cfg: DictConfig, schema: type[T]) -> T:
 
     Hydra's `+key=value` appends even to a structured config, and OmegaConf then sets the stray
     key as an attribute; such keys are an error naming them, so a typo never passes silently.
+    A section's own check (e.g. `SamplingOptions`) failing is reported with the section's key,
+    e.g. "sampling.steps must be ...".
     """
-    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    try:
+        config = OmegaConf.to_object(merged)
+    except SettingError as err:
+        raise SettingError(f"{_failing_section(merged)}{err}") from None
     unknown = _unknown_keys(config)
     require(not unknown, f"unknown config keys {unknown} (not fields of {schema.__module__}.{schema.__name__}; "
                          f"check the spelling)")
@@ -58,14 +74,37 @@ def compose_config(name: str, schema: type[T], overrides: Sequence[str] = ()) ->
 
 def hydra_main(fn: Callable[[T], Any], schema: type[T], config_name: str,
                config_dir: str | Path = CONFIG_DIR) -> None:
-    """Compose `configs/<config_name>.yaml` (validated by `schema`) from the command line and call `fn`."""
+    """Compose `configs/<config_name>.yaml` (validated by `schema`) from the command line and call
+    `fn`; a user's error ends the process with one line (see the module docstring)."""
     register_schema(config_name, schema)
+    traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    if traceback:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then re-raises instead of printing a trimmed trace
 
     @hydra.main(version_base=None, config_path=str(config_dir), config_name=config_name)
     def _run(cfg: DictConfig) -> None:
-        fn(to_dataclass(cfg, schema))
+        try:
+            fn(to_dataclass(cfg, schema))
+        except USER_ERRORS as err:
+            if traceback:
+                raise
+            message = " ".join(str(err).split())
+            print(f"error: {message} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     _run()
+
+
+def _failing_section(config: DictConfig, prefix: str = "") -> str:
+    """The dotted key ("sampling.") of the innermost dataclass section that fails to build."""
+    for key in config:
+        node = config[key]
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (None, dict):
+            try:
+                OmegaConf.to_object(node)
+            except SettingError:
+                return _failing_section(node, f"{prefix}{key}.")
+    return prefix
 
 
 def _unknown_keys(section: Any, prefix: str = "") -> list[str]:

@@ -4,13 +4,15 @@ On-disk format (one folder, written by `ShardWriter`):
 
 * `shard_00000_tokens.npy`: uint16 (n, augmentations, h*w), token grids in raster order,
 * `shard_00000_labels.npy`: int64 (n,), class ids,
-* `manifest.json`: grid size, codebook size, tokenizer identity, augmentations, class count,
+* `manifest.json`: grid size, codebook size, tokenizer identity (and the tokenizer's weights file,
+  when known, so training can decode its sample grids with it), augmentations, class count,
   total count and the list of shards with their counts. It is (re)written after every shard,
   with `"complete": true` only once the whole data set is there.
 
 Every file is put in place by an atomic rename, so an interrupted extraction leaves only whole
-shards behind; rerunning it skips them and writes the rest. `TokenDataset` memory-maps the
-shards and draws one augmentation per sample per epoch.
+shards behind; rerunning it skips them and writes the rest. One job at a time writes a folder
+(`arpg.files.FolderLock`). `TokenDataset` memory-maps the shards and draws one augmentation per
+sample per epoch.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import psutil
 import torch
+from einops import rearrange
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from arpg.errors import require
-from arpg.files import atomic_write
-from arpg.runtime import resolve_device
-from arpg.tokenizer import TOKENIZER_CHOICES, Tokenizer, load_tokenizer
+from arpg.files import FolderLock, atomic_write, remove_partial_writes
+from arpg.runtime import resolve_device, worker_count
+from arpg.tokenizer import TOKENIZER_CHOICES, Tokenizer, VQTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,8 @@ def _read_manifest(root: Path) -> dict:
 
 
 class ShardWriter:
-    """Writes token shards and the manifest into `root`, resuming an interrupted run.
+    """Writes token shards and the manifest into `root`, resuming an interrupted run (hold the
+    folder's `FolderLock` while it exists: it removes partial writes of killed runs).
 
     Shards are addressed by index so a rerun can skip finished ones (`has_shard`) and rewrite
     only the rest. The header (grid size, codebook size, tokenizer, augmentations, classes and
@@ -79,7 +84,8 @@ class ShardWriter:
 
     def __init__(self, root: str | Path, *, grid_size: tuple[int, int], codebook_size: int,
                  tokenizer: str, augmentations: int, num_classes: int,
-                 class_names: Sequence[str] | None = None, source: dict[str, Any] | None = None):
+                 class_names: Sequence[str] | None = None, source: dict[str, Any] | None = None,
+                 tokenizer_file: str | Path | None = None):
         if not 1 <= codebook_size <= 65536:
             raise ValueError(f"codebook_size must be in [1, 65536] to fit uint16 shards, got {codebook_size}")
         if augmentations < 1 or num_classes < 1:
@@ -92,11 +98,11 @@ class ShardWriter:
             "class_names": list(class_names) if class_names is not None else None,
             "source": source or {},
         }
+        # Where the tokenizer's weights are: not part of what the data is (the file may move).
+        self.tokenizer_file = str(Path(tokenizer_file).resolve()) if tokenizer_file else None
         self.shards: dict[int, dict] = {}
         self.root.mkdir(parents=True, exist_ok=True)
-        # A process killed inside atomic_write leaves its hidden temporary file behind.
-        for stale in [*self.root.glob(".shard_*.tmp"), *self.root.glob(f".{MANIFEST_NAME}.*.tmp")]:
-            stale.unlink()
+        remove_partial_writes(self.root)  # the caller holds the folder's lock
         if (self.root / MANIFEST_NAME).is_file():
             self._resume(_read_manifest(self.root))
 
@@ -152,8 +158,8 @@ class ShardWriter:
 
     def _write_manifest(self, complete: bool) -> dict:
         shards = [self.shards[i] for i in sorted(self.shards)]
-        manifest = {**self.header, "complete": complete, "count": sum(s["count"] for s in shards),
-                    "shards": shards}
+        manifest = {**self.header, "tokenizer_file": self.tokenizer_file, "complete": complete,
+                    "count": sum(s["count"] for s in shards), "shards": shards}
         text = json.dumps(manifest, indent=1)
         atomic_write(self.root / MANIFEST_NAME, lambda tmp: tmp.write_text(text))
         return manifest
@@ -204,6 +210,16 @@ class TokenDataset(Dataset):
     def tokenizer(self) -> str:
         return self.manifest["tokenizer"]
 
+    @property
+    def tokenizer_file(self) -> Optional[str]:
+        """The tokenizer weights the codes were extracted with, when the extraction recorded them."""
+        return self.manifest.get("tokenizer_file")
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What this data set is, wherever it lives (a training run records it, a resume compares it)."""
+        return _identity(self)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         rng = np.random.default_rng([self.seed, epoch])
@@ -237,7 +253,7 @@ class InMemoryTokenDataset(Dataset):
     """Token sequences held in memory, with the same interface as `TokenDataset`."""
 
     def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, grid_size: tuple[int, int],
-                 codebook_size: int, num_classes: int):
+                 codebook_size: int, num_classes: int, tokenizer: str = "unknown"):
         if tokens.shape != (labels.shape[0], grid_size[0] * grid_size[1]):
             raise ValueError(f"tokens must have shape ({labels.shape[0]}, {grid_size[0] * grid_size[1]}), "
                              f"got {tuple(tokens.shape)}")
@@ -246,6 +262,13 @@ class InMemoryTokenDataset(Dataset):
         self.grid_size = tuple(grid_size)
         self.codebook_size = codebook_size
         self.num_classes = num_classes
+        self.tokenizer = tokenizer  # the identity of the tokenizer that made the tokens
+        self.tokenizer_file = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What this data set is (a training run records it, a resume compares it)."""
+        return _identity(self)
 
     def set_epoch(self, epoch: int) -> None:
         """No augmentations to choose from; kept for interface parity with TokenDataset."""
@@ -279,7 +302,12 @@ def digits_dataset(split: str | None = None) -> InMemoryTokenDataset:
         is_test = torch.arange(len(labels)) % 5 == 4
         keep = is_test if split == "test" else ~is_test
         tokens, labels = tokens[keep], labels[keep]
-    return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10)
+    return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10, tokenizer="pixel17")
+
+
+def _identity(dataset: TokenDataset | InMemoryTokenDataset) -> dict[str, Any]:
+    return {"count": len(dataset), "grid_size": list(dataset.grid_size), "codebook_size": dataset.codebook_size,
+            "num_classes": dataset.num_classes, "tokenizer": dataset.tokenizer}
 
 
 DATA_CHOICES = ("digits", "codes")
@@ -293,7 +321,14 @@ class DataSettings:
     name: str = "digits"
     path: Optional[str] = None
     split: Optional[str] = None  # digits only: None (all 1797), "train" or "test"
-    num_workers: int = 0
+    num_workers: Optional[int] = 0  # loader processes; None: one per core but one (at most 8)
+
+    @property
+    def label(self) -> str:
+        """A short name for runs on this data: "digits" (or "digits_test"), or data.path's folder name."""
+        if self.name == "digits":
+            return "digits" + (f"_{self.split}" if self.split else "")
+        return Path(self.path).resolve().name
 
     def validate(self) -> None:
         """Raise `SettingError` naming the first bad key (prefixed `data.`)."""
@@ -306,7 +341,8 @@ class DataSettings:
                     f"with scripts/extract_codes.py or point data.path at it")
         else:
             require(self.split in DIGITS_SPLITS, f"data.split must be one of {DIGITS_SPLITS}, got {self.split!r}")
-        require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        require(self.num_workers is None or self.num_workers >= 0,
+                f"data.num_workers must be >= 0 or null (one per core but one), got {self.num_workers}")
 
 
 def build_dataset(data: DataSettings, seed: int = 0) -> TokenDataset | InMemoryTokenDataset:
@@ -340,14 +376,35 @@ def list_npy_folder(src: str | Path) -> list[tuple[Path, int]]:
     return files
 
 
-def read_npy_codes(path: str | Path) -> np.ndarray:
-    """One image's codes from the published layout as (augmentations, h*w)."""
-    codes = np.load(path)
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_npy_codes(path: str | Path, codebook_size: int | None = None) -> np.ndarray:
+    """One image's codes from the published layout as (augmentations, h*w); every error names the
+    file. Pickled (object) arrays are refused, never loaded."""
+    with open(path, "rb") as f:
+        magic = f.read(len(_NPY_MAGIC))
+    if not magic:
+        raise ValueError(f"{path}: the file is empty (zero bytes)")
+    if magic != _NPY_MAGIC:
+        raise ValueError(f"{path}: not a .npy file (no NumPy header)")
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "Object arrays" in str(err):
+            raise ValueError(f"{path}: holds pickled Python objects, not an integer array; such files are "
+                             f"refused (loading them would run their code)") from None
+        raise ValueError(f"{path}: a damaged .npy file ({err})") from None
+    except (EOFError, OSError) as err:
+        raise ValueError(f"{path}: a truncated or damaged .npy file ({type(err).__name__})") from None
     if codes.ndim == 3 and codes.shape[0] == 1:
         codes = codes[0]
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"{path}: expected integer codes of shape (1, augmentations, h*w), "
                          f"got {codes.dtype} {codes.shape}")
+    if codebook_size is not None and codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise ValueError(f"{path}: token ids must be in [0, {codebook_size - 1}], got values in "
+                         f"[{codes.min()}, {codes.max()}]")
     return codes
 
 
@@ -362,19 +419,19 @@ def convert_npy_folder(src: str | Path, dst: str | Path, *, codebook_size: int =
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     files = list_npy_folder(src)
-    augmentations, length = read_npy_codes(files[0][0]).shape
+    augmentations, length = read_npy_codes(files[0][0], codebook_size).shape
     if grid_size is None:
         side = math.isqrt(length)
         if side * side != length:
             raise ValueError(f"{files[0][0]} holds {length} tokens per image, not a square grid; pass grid_size")
         grid_size = (side, side)
-    writer = ShardWriter(dst, grid_size=grid_size, codebook_size=codebook_size, tokenizer=tokenizer,
-                         augmentations=augmentations,
-                         num_classes=num_classes or max(label for _, label in files) + 1,
-                         source={"npy_folder": str(Path(src).resolve()), "files": len(files),
-                                 "shard_size": shard_size})
     num_shards = math.ceil(len(files) / shard_size)
-    with tqdm(total=len(files), desc="convert", unit="img") as progress:
+    with FolderLock(dst, "code conversion"), tqdm(total=len(files), desc="convert", unit="img") as progress:
+        writer = ShardWriter(dst, grid_size=grid_size, codebook_size=codebook_size, tokenizer=tokenizer,
+                             augmentations=augmentations,
+                             num_classes=num_classes or max(label for _, label in files) + 1,
+                             source={"npy_folder": str(Path(src).resolve()), "files": len(files),
+                                     "shard_size": shard_size})
         for index in range(num_shards):
             chunk = files[index * shard_size:(index + 1) * shard_size]
             if writer.has_shard(index):
@@ -382,14 +439,14 @@ def convert_npy_folder(src: str | Path, dst: str | Path, *, codebook_size: int =
                 continue
             codes = []
             for path, _ in chunk:
-                item = read_npy_codes(path)
+                item = read_npy_codes(path, codebook_size)
                 if item.shape != (augmentations, length):
                     raise ValueError(f"{path}: codes have shape {item.shape}, the first file has "
                                      f"{(augmentations, length)}")
                 codes.append(item)
                 progress.update(1)
             writer.write_shard(index, np.stack(codes), np.array([label for _, label in chunk]))
-    manifest = writer.finish()
+        manifest = writer.finish()
     print(f"converted {manifest['count']} images into {len(manifest['shards'])} shards at {dst}")
     return manifest
 
@@ -419,8 +476,10 @@ class ExtractConfig:
     image_size: int = 256
     augment: str = "flip"
     crop_range: float = 1.1
-    batch_size: int = 128  # views per encode call (bounds GPU memory; an image's views stay together)
-    num_workers: int = 4
+    # Views per encode call (an image's views stay together); None: what half the free memory of the
+    # device holds (`default_batch_size`), at most 256.
+    batch_size: Optional[int] = None
+    num_workers: Optional[int] = None  # image-decoding processes; None: one per core but one, at most 8
     shard_size: int = 10000  # images per shard: the unit of resumption
     device: str = "auto"  # "auto" = cuda when available, else cpu
 
@@ -467,8 +526,8 @@ class _ImageViews(Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             return None, label, str(path), f"{type(err).__name__}: {err}"
         # uint8 until it reaches the device: a quarter of the bytes through worker queues and PCIe.
-        pixels = np.stack([np.asarray(v, dtype=np.uint8) for v in _views(image, self.config)])  # (A, S, S, 3)
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2), label, str(path), None
+        pixels = np.stack([np.asarray(v, dtype=np.uint8) for v in _views(image, self.config)])
+        return rearrange(torch.from_numpy(pixels), "a h w c -> a c h w"), label, str(path), None
 
 
 def _collate(items: list) -> list:
@@ -490,19 +549,34 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 def _validate(config: ExtractConfig) -> None:
     for name in ("data_path", "output_dir"):
-        if getattr(config, name) in ("", "???"):
-            raise ValueError(f"{name} must be set, got {getattr(config, name)!r}")
-    if config.tokenizer not in TOKENIZER_CHOICES:
-        raise ValueError(f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")
-    if config.augment not in AUGMENT_CHOICES:
-        raise ValueError(f"augment must be one of {AUGMENT_CHOICES}, got {config.augment!r}")
-    for name in ("image_size", "batch_size", "shard_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {config.num_workers}")
-    if config.augment == "ten_crop" and config.crop_range < 1:
-        raise ValueError(f"crop_range must be >= 1, got {config.crop_range}")
+        require(getattr(config, name) not in ("", "???"), f"{name} must be set, got {getattr(config, name)!r}")
+    require(config.tokenizer in TOKENIZER_CHOICES,
+            f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")
+    require(config.augment in AUGMENT_CHOICES, f"augment must be one of {AUGMENT_CHOICES}, got {config.augment!r}")
+    for name in ("image_size", "shard_size"):
+        require(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
+    require(config.batch_size is None or config.batch_size >= 1,
+            f"batch_size must be >= 1 or null (fit the free memory), got {config.batch_size}")
+    require(config.num_workers is None or config.num_workers >= 0,
+            f"num_workers must be >= 0 or null (one per core but one), got {config.num_workers}")
+    require(config.augment != "ten_crop" or config.crop_range >= 1, f"crop_range must be >= 1, got {config.crop_range}")
+    require(Path(config.data_path).is_dir(),
+            f"data_path {config.data_path} not found (expected <data_path>/<class>/<image>)")
+
+
+# A VQ encoder holds about this many float32 feature maps of its first width at full resolution
+# per view at its peak (measured: 20 views of 256x256 through VQ-16 took 4.4 GB on a CPU).
+_FEATURE_MAPS_PER_VIEW = 8
+
+
+def default_batch_size(tokenizer: Tokenizer, image_size: int, device: torch.device) -> int:
+    """Views per encode call that fit in half the device's free memory (CUDA: free GPU memory;
+    CPU: available RAM), at most 256. Pixel tokenizers need next to nothing: 256."""
+    if not isinstance(tokenizer, VQTokenizer):
+        return 256
+    per_view = _FEATURE_MAPS_PER_VIEW * image_size ** 2 * tokenizer.config.ch * 4
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    return max(1, min(256, int(0.5 * free / per_view)))
 
 
 def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> dict:
@@ -513,32 +587,37 @@ def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> 
     kept, the rest are redone, so no image is stored twice.
     """
     _validate(config)
-    tokenizer = tokenizer or load_tokenizer(config.tokenizer, config.vq_ckpt, config.pixel_levels)
-    if config.image_size % tokenizer.downsample:
-        raise ValueError(f"image_size must be a multiple of the tokenizer's downsample "
-                         f"{tokenizer.downsample}, got {config.image_size}")
     device = resolve_device(config.device)
-    tokenizer = tokenizer.to(device).eval()
+    tokenizer_file = config.vq_ckpt if tokenizer is None and config.tokenizer == "vq16" else None
+    tokenizer = tokenizer or load_tokenizer(config.tokenizer, config.vq_ckpt, config.pixel_levels)
+    require(config.image_size % tokenizer.downsample == 0,
+            f"image_size must be a multiple of the tokenizer's downsample {tokenizer.downsample}, "
+            f"got {config.image_size}")
     classes, files = _list_image_folder(Path(config.data_path))
+    batch_size = config.batch_size or default_batch_size(tokenizer, config.image_size, device)
+    workers = worker_count(config.num_workers)
+    log.info("encoding %d views per call (batch_size) with %d loader worker(s) on %s", batch_size, workers, device)
+    tokenizer = tokenizer.to(device).eval()
     side = config.image_size // tokenizer.downsample
     views = _num_views(config.augment)
-    writer = ShardWriter(
-        config.output_dir, grid_size=(side, side), codebook_size=tokenizer.codebook_size,
-        tokenizer=tokenizer.identity, augmentations=views, num_classes=len(classes), class_names=classes,
-        # Shards are fixed slices of the sorted file list; these make a resumed run slice the same way.
-        source={"data_path": str(Path(config.data_path).resolve()), "files": len(files),
-                "shard_size": config.shard_size, "image_size": config.image_size, "augment": config.augment,
-                "crop_range": config.crop_range})
-
     num_shards = math.ceil(len(files) / config.shard_size)
-    with tqdm(total=len(files), desc="extract", unit="img") as progress:
+    with (FolderLock(config.output_dir, "code extraction"),
+          tqdm(total=len(files), desc="extract", unit="img") as progress):
+        writer = ShardWriter(
+            config.output_dir, grid_size=(side, side), codebook_size=tokenizer.codebook_size,
+            tokenizer=tokenizer.identity, augmentations=views, num_classes=len(classes), class_names=classes,
+            # Shards are fixed slices of the sorted file list; these make a resumed run slice the same way.
+            source={"data_path": str(Path(config.data_path).resolve()), "files": len(files),
+                    "shard_size": config.shard_size, "image_size": config.image_size, "augment": config.augment,
+                    "crop_range": config.crop_range},
+            tokenizer_file=tokenizer_file)
         for index in range(num_shards):
             chunk = files[index * config.shard_size:(index + 1) * config.shard_size]
             if not writer.has_shard(index):
-                _extract_shard(index, chunk, config, tokenizer, device, writer, progress)
+                _extract_shard(index, chunk, config, tokenizer, device, writer, progress, batch_size, workers)
             else:
                 progress.update(len(chunk))
-    manifest = writer.finish()
+        manifest = writer.finish()
     skipped = sum(len(s["skipped"]) for s in manifest["shards"])
     print(f"extracted {manifest['count']} images ({views} views each) into {len(manifest['shards'])} shards "
           f"at {config.output_dir}; skipped {skipped} unreadable")
@@ -546,9 +625,9 @@ def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> 
 
 
 def _extract_shard(index: int, chunk: list[tuple[Path, int]], config: ExtractConfig, tokenizer: Tokenizer,
-                   device: torch.device, writer: ShardWriter, progress: tqdm) -> None:
-    images_per_batch = max(1, config.batch_size // _num_views(config.augment))
-    loader = DataLoader(_ImageViews(chunk, config), batch_size=images_per_batch, num_workers=config.num_workers,
+                   device: torch.device, writer: ShardWriter, progress: tqdm, batch_size: int, workers: int) -> None:
+    images_per_batch = max(1, batch_size // _num_views(config.augment))
+    loader = DataLoader(_ImageViews(chunk, config), batch_size=images_per_batch, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     tokens, labels, skipped = [], [], []
     for batch in loader:
@@ -558,9 +637,9 @@ def _extract_shard(index: int, chunk: list[tuple[Path, int]], config: ExtractCon
                 log.warning("skipping unreadable image %s (%s)", path, error)
                 skipped.append(path)
         if good:
-            views = torch.stack([item[0] for item in good]).to(device, non_blocking=True)  # (b, A, 3, S, S) uint8
-            codes = tokenizer.encode(views.flatten(0, 1).float() / 127.5 - 1)  # (b*A, h, w)
-            tokens.append(codes.reshape(len(good), views.shape[1], -1).cpu().numpy())  # (b, A, h*w)
+            views = torch.stack([item[0] for item in good]).to(device, non_blocking=True)  # uint8
+            codes = tokenizer.encode(rearrange(views, "b a c h w -> (b a) c h w").float() / 127.5 - 1)
+            tokens.append(rearrange(codes, "(b a) h w -> b a (h w)", b=len(good)).cpu().numpy())
             labels.extend(item[1] for item in good)
         progress.update(len(batch))
     side = config.image_size // tokenizer.downsample

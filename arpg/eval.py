@@ -2,8 +2,10 @@
 
 The metric maths (`frechet_distance`, `feature_statistics`, `inception_score`, `precision_recall`)
 needs only numpy, scipy and torch. Image features come from `InceptionFeatures`, a thin wrapper
-around torch-fidelity's TF-ported FID Inception-v3 (the optional `arpg[eval]` extra), loaded from a
-local weights file: nothing is downloaded at run time.
+around torch-fidelity's TF-ported FID Inception-v3 (an optional dependency: `pip install
+torch-fidelity`, or `pip install -e '.[eval]'` in a clone of this repository), loaded from a local
+weights file: nothing is downloaded at run time. Any other `FeatureExtractor` can stand in for it
+(`evaluate_npz(extractor=...)`, or `extractor=module:name` on the command line).
 
 Image sets are `.npz` files in the layout of ADM's evaluation suite (openai/guided-diffusion):
 uint8 images (N, H, W, 3) under `arr_0`; a reference batch may also hold the Inception pool
@@ -13,6 +15,7 @@ statistics `mu` (2048,) and `sigma` (2048, 2048). `NpzImages` streams `arr_0` ba
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 import zipfile
@@ -23,11 +26,14 @@ from typing import IO, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 from scipy.linalg import sqrtm
 from scipy.special import xlogy
 from tqdm.auto import tqdm
 
+from arpg.errors import MissingPrerequisites, require
 from arpg.files import read_torch_file
+from arpg.runtime import resolve_device
 
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -248,13 +254,19 @@ class InceptionFeatures:
     """
 
     def __init__(self, weights_path: str | Path | None = None, device: str | torch.device = "cpu"):
-        self.weights_path = resolve_inception_weights(weights_path)
-        _check_inception_state_dict(self.weights_path)
+        problems = []  # every missing prerequisite is reported at once
+        try:
+            self.weights_path = resolve_inception_weights(weights_path)
+            _check_inception_state_dict(self.weights_path)
+        except (FileNotFoundError, ValueError) as error:
+            problems.append(str(error))
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError as error:
-            raise ImportError("InceptionFeatures needs torch-fidelity, the optional evaluation dependency: "
-                              "pip install 'arpg[eval]'") from error
+        except ImportError:
+            problems.append("the torch-fidelity package is not installed: pip install torch-fidelity "
+                            "(or, in a clone of this repository, pip install -e '.[eval]')")
+        if problems:
+            raise MissingPrerequisites("evaluation needs: " + "; and ".join(problems))
         self.device = torch.device(device)
         # An explicit path is what keeps torch-fidelity from fetching its weights from the internet.
         self.network = FeatureExtractorInceptionV3(
@@ -267,7 +279,7 @@ class InceptionFeatures:
         images = torch.as_tensor(np.asarray(images))
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 of shape (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-        batch = images.permute(0, 3, 1, 2).contiguous().to(self.device)  # (B, 3, H, W)
+        batch = rearrange(images, "b h w c -> b c h w").contiguous().to(self.device)
         features, logits = self.network(batch)  # (B, 2048), (B, 1008)
         probs = logits.double().softmax(dim=1)
         return features.double().cpu().numpy(), probs.cpu().numpy()
@@ -283,11 +295,9 @@ def resolve_inception_weights(weights_path: str | Path | None = None) -> Path:
         path = path / INCEPTION_WEIGHTS_FILENAME
     if not path.is_file():
         raise FileNotFoundError(
-            f"Inception weights not found: {path}\n"
-            f"Evaluation needs the TF-ported FID Inception-v3 weights file {INCEPTION_WEIGHTS_FILENAME} "
-            f"(published by torch-fidelity at {INCEPTION_WEIGHTS_URL}). Nothing is downloaded at run time: "
-            f"put the file at {path}, or pass the path of the file (or of its folder) as weights_path "
-            f"(default folder: {DEFAULT_WEIGHTS_DIR}/).")
+            f"the Inception weights file {path} (not found): the TF-ported FID Inception-v3 weights "
+            f"{INCEPTION_WEIGHTS_FILENAME}, published by torch-fidelity at {INCEPTION_WEIGHTS_URL}; nothing is "
+            f"downloaded at run time: put the file there, or pass its path (or its folder's) as weights_path")
     return path
 
 
@@ -355,6 +365,9 @@ class EvalConfig:
     """Evaluate a sample `.npz` against a reference batch (`configs/evaluate.yaml` mirrors this)."""
     sample_npz: str = "samples.npz"  # uint8 images (N, H, W, 3) under arr_0, as sample_fid writes
     ref_npz: str = "VIRTUAL_imagenet256_labeled.npz"  # ADM reference batch
+    # "inception" (FID's Inception-v3 from weights_path) or "module:name", a FeatureExtractor
+    # importable from Python (a callable, or a class built with no arguments)
+    extractor: str = "inception"
     weights_path: str | None = None  # Inception .pth or its folder; None: ~/.cache/arpg/
     device: str = "cpu"
     batch_size: int = 100  # images per Inception forward
@@ -365,9 +378,24 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig) -> dict[str, float]:
     """`evaluate_npz` driven by an `EvalConfig` (the entry point of a Hydra script)."""
+    resolve_device(config.device)
+    extractor = None if config.extractor == "inception" else import_extractor(config.extractor)
     return evaluate_npz(config.sample_npz, config.ref_npz, config.weights_path, device=config.device,
                         batch_size=config.batch_size, splits=config.splits, k=config.k,
-                        compute_precision_recall=config.compute_precision_recall)
+                        compute_precision_recall=config.compute_precision_recall, extractor=extractor)
+
+
+def import_extractor(spec: str) -> FeatureExtractor:
+    """The `FeatureExtractor` named "module:name" (a callable; a class is built with no arguments)."""
+    module_name, _, name = spec.partition(":")
+    require(bool(module_name and name), f"extractor must be 'inception' or 'module:name', got {spec!r}")
+    try:
+        found = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise MissingPrerequisites(f"extractor {spec!r} cannot be imported ({error})") from None
+    extractor = found() if isinstance(found, type) else found
+    require(callable(extractor), f"extractor {spec!r} is not callable (images -> (features, probabilities))")
+    return extractor
 
 
 def evaluate_npz(sample_npz: str | Path, ref_npz: str | Path, weights_path: str | Path | None = None, *,
@@ -390,6 +418,12 @@ def evaluate_npz(sample_npz: str | Path, ref_npz: str | Path, weights_path: str 
                          f"its entries are {sorted(ref_keys)}")
     # Validate everything cheap before the long feature extraction starts.
     ref_images = NpzImages(ref_path) if "arr_0" in ref_keys else None
+    require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    require(1 <= splits <= len(samples),
+            f"splits must be in [1, {len(samples)}] (the number of sample images), got {splits}")
+    if compute_precision_recall:
+        max_k = min(len(samples), len(ref_images)) - 1
+        require(1 <= k <= max_k, f"k must be in [1, {max_k}] (one less than the smaller image set), got {k}")
     extractor = extractor if extractor is not None else InceptionFeatures(weights_path, device=device)
 
     sample_features, sample_probs = extract_features(extractor, samples, batch_size, desc="samples")

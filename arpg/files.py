@@ -1,7 +1,12 @@
-"""Putting files on disk so that no reader ever sees half of one, and reading torch files safely.
+"""Putting files on disk so that no reader ever sees half of one, one job per output folder, and
+reading torch files safely.
 
 * `atomic_write(path, write_fn)` is the one way this package writes a file that must never be seen
-  half-written (weights, training states, shards, settings, PNGs, reports).
+  half-written (weights, training states, shards, settings, PNGs, reports);
+  `remove_partial_writes(folder)` deletes what a process killed inside it left behind.
+* `FolderLock(folder, job)` claims an output folder (training, FID sampling, code extraction) for
+  one process: a second job on the same folder is refused with the holder's process id.
+* `file_digest(path)` fingerprints a file's content (a weights file, a tokenizer).
 * `read_torch_file(path)` loads a `.pt` file with `weights_only=True` and turns the many errors
   torch raises for a damaged or foreign file into one `ValueError` naming the file.
 """
@@ -9,12 +14,23 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
+import logging
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from arpg.errors import SettingError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".arpg.lock"
 
 
 def atomic_write(path: str | Path, write_fn: Callable[[Path], Any]) -> Path:
@@ -46,6 +62,96 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def remove_partial_writes(folder: str | Path, names: str = "*") -> list[Path]:
+    """Delete the temporary files that a process killed inside `atomic_write` left in `folder`
+    (hidden `.<name>.<random>.tmp`) for targets matching the glob `names`; returns them.
+
+    Call it only while holding the folder's `FolderLock`: another live writer's temporary file
+    looks the same.
+    """
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".{names}.*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d partial write(s) of a killed run from %s", len(stale), folder)
+    return stale
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's content (hex): what a file is, wherever it lives."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FolderLock:
+    """An exclusive claim of one process on an output folder, for one job at a time.
+
+    `with FolderLock(out_dir, "training"):` creates the folder and holds an advisory lock
+    (`flock`) on `<folder>/.arpg.lock`, which records the holder's process id, host and job. A
+    second claim, from any process, raises `SettingError` naming the holder. The kernel drops
+    the lock when its process dies, however it dies; a lock file left by a dead holder is taken
+    over with a warning naming it. Only the process that writes the folder's bookkeeping (rank 0
+    of a multi-process job) takes the lock. A folder the lock created and nothing filled is
+    removed again on release: a job that fails at its start leaves nothing behind.
+    """
+
+    def __init__(self, folder: str | Path, job: str):
+        self.folder, self.job = Path(folder), job
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+        self._created = False
+
+    def acquire(self) -> FolderLock:
+        self._created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_lock(fd)
+                os.close(fd)
+                raise SettingError(f"{self.folder} is in use by {holder or 'another process'}: one job per "
+                                   f"folder; wait for it to end (or stop it), or choose another folder") from None
+            try:  # a releasing holder unlinks the file: if ours was unlinked meanwhile, lock the new one
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = _read_lock(fd)
+        if previous:
+            log.warning("%s: taking over the lock of %s, which is no longer running (killed?)", self.folder, previous)
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({self.job}, since {started})\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking, so a waiter never locks a file about to go
+            os.close(self._fd)
+            self._fd = None
+            if self._created and not any(self.folder.iterdir()):
+                self.folder.rmdir()  # a job that failed before writing anything leaves no folder behind
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_lock(fd: int) -> str:
+    return os.pread(fd, 4096, 0).decode(errors="replace").strip()
 
 
 def read_torch_file(path: str | Path, mmap: bool = False) -> Any:

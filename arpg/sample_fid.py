@@ -18,10 +18,15 @@ So image i is the same on 1 or 8 processes, in any batch, in a first or a resume
 float round-off of the batched network, which changes a sampled token only at an exact tie).
 
 Files: `<output_dir>/<i:06d>.png` (RGB, each written to a temporary file and renamed, so a file
-that exists is complete), `<output_dir>/sample_fid.json` (the settings that decide the images: a
-rerun with other settings into the same folder is refused) and, once all N images exist,
+that exists is complete), `<output_dir>/sample_fid.json` (the settings that decide the images,
+with the SHA-256 of the weights and tokenizer files rather than their paths: a rerun with other
+settings or other weights into the same folder is refused) and, once all N images exist,
 `<output_dir>.npz` (written by rank 0, atomically): `arr_0` uint8 (N, H, W, 3), `arr_1` int64
 (N,) class labels. A rerun skips the images that exist and generates only the missing ones.
+
+Order of work: the settings are checked alone, then the folder is locked (`arpg.files.FolderLock`,
+rank 0) and checked against what it holds, then the model and tokenizer are loaded and the
+sampling settings checked against them; only then is the settings file written and any image drawn.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import os
 import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -44,14 +50,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from arpg.checkpoint import WEIGHTS_CHOICES, load_model
-from arpg.errors import require
+from arpg.errors import describe_differences, differences, require
 from arpg.eval import NpzImages
-from arpg.files import atomic_write
+from arpg.files import FolderLock, atomic_write, file_digest, remove_partial_writes
 from arpg.runtime import derive_seed, resolve_device
 from arpg.sample import SamplingOptions, generate
+from arpg.sample.decode import check_sampling, check_tokenizer
 from arpg.tokenizer import TOKENIZER_CHOICES, load_tokenizer
 
 SETTINGS_FILE = "sample_fid.json"
+PRECISION_CHOICES = ("autocast", "bf16")
 # Settings that decide how the images are made but not which images they are (device and amp
 # change only the float arithmetic): left out of SETTINGS_FILE, so a run may be resumed with
 # another batch size, device or image count.
@@ -80,6 +88,9 @@ class SampleFIDConfig:
     vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt, or our VQ .safetensors (any VQConfig; its config is stored)
     num_images: int = 50000  # image i has class i % num_classes
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # autocast (ours): float32 weights, norms and softmax inputs, bf16 matmuls on CUDA (sampling.amp) |
+    # bf16 (published): the whole model cast to bf16, as sample_c2i_ddp.py's --precision does
+    precision: str = "autocast"
     seed: int = 0
     batch_size: int = 64  # images per process per decode (the network sees twice that with guidance)
     output_dir: str = "samples/arpg"  # PNGs; the .npz goes next to it as <output_dir>.npz
@@ -119,32 +130,39 @@ def sample_fid(config: SampleFIDConfig) -> Path:
 
 def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.device) -> Path:
     output_dir, npz = Path(config.output_dir), npz_path(config.output_dir)
-    _check_settings(config, output_dir)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(output_dir, npz)
-        _write_settings(config, output_dir)
-    _barrier(device)
-    # Every rank lists the folder after rank 0's cleanup and before anyone writes, so all ranks
-    # agree on the missing indices without exchanging them.
-    missing = _missing_indices(output_dir, config.num_images)
-    grid = {} if config.token_grid is None else {"block_size": config.token_grid ** 2}
-    model = load_model(config.checkpoint, weights=config.weights, device=device, **grid)
-    tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
-    _barrier(device)
+    with FolderLock(output_dir, "FID sampling") if rank == 0 else nullcontext():
+        if rank == 0:  # rank 0 keeps the folder's books; if it refuses, the launcher stops the others
+            settings = _recorded_settings(config)
+            _check_settings(settings, output_dir)
+        grid = {} if config.token_grid is None else {"block_size": config.token_grid ** 2}
+        model = load_model(config.checkpoint, weights=config.weights, device=device,
+                           dtype=torch.bfloat16 if config.precision == "bf16" else None, **grid)
+        tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
+        check_tokenizer(model, tokenizer)
+        check_sampling(model, config.sampling)
+        if rank == 0:
+            remove_partial_writes(output_dir, "*.png")
+            remove_partial_writes(npz.parent, npz.name)
+            text = json.dumps(settings, indent=1)
+            atomic_write(output_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(text))
+        _barrier(device)
+        # Every rank lists the folder after rank 0's cleanup and before anyone writes, so all ranks
+        # agree on the missing indices without exchanging them.
+        missing = _missing_indices(output_dir, config.num_images)
+        _barrier(device)
 
-    batches = [missing[i:i + config.batch_size] for i in range(0, len(missing), config.batch_size)]
-    started = time.perf_counter()
-    mine = batches[rank::world]
-    if mine:
-        _generate_batches(model, tokenizer, mine, config, device, rank, world)
-    _barrier(device)
-    seconds = time.perf_counter() - started
+        batches = [missing[i:i + config.batch_size] for i in range(0, len(missing), config.batch_size)]
+        started = time.perf_counter()
+        mine = batches[rank::world]
+        if mine:
+            _generate_batches(model, tokenizer, mine, config, device, rank, world)
+        _barrier(device)
+        seconds = time.perf_counter() - started
 
-    if rank != 0:
-        return npz
-    if missing or not _npz_is_complete(npz, config.num_images):
-        write_npz(output_dir, config.num_images, model.config.num_classes, npz)
+        if rank != 0:
+            return npz
+        if missing or not _npz_is_complete(npz, config.num_images):
+            write_npz(output_dir, config.num_images, model.config.num_classes, npz)
     rate = f"{len(missing) / seconds:.2f} images/s over {world} process(es)" if missing else "nothing to sample"
     print(f"{config.num_images} images in {output_dir.resolve()} ({len(missing)} new, "
           f"{config.num_images - len(missing)} kept): {rate}; npz {npz.resolve()}")
@@ -232,46 +250,26 @@ def _missing_indices(output_dir: Path, num_images: int) -> list[int]:
     return [i for i in range(num_images) if image_path(output_dir, i).name not in existing]
 
 
-def _remove_stale_temporaries(output_dir: Path, npz: Path) -> None:
-    """Remove what a killed run left inside `atomic_write` (hidden `.<name>.<random>.tmp` files)."""
-    for stale in [*output_dir.glob(".*.png.*.tmp"), *npz.parent.glob(f".{npz.name}.*.tmp")]:
-        stale.unlink(missing_ok=True)
-
-
 def _recorded_settings(config: SampleFIDConfig) -> dict:
-    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_RECORDED}
+    """What decides the images: the settings, and the weights and tokenizer by content (SHA-256);
+    their paths are kept for the reader under "files" and not compared."""
+    settings = {k: v for k, v in asdict(config).items() if k not in (*_NOT_RECORDED, "checkpoint", "vq_ckpt")}
     settings["sampling"] = {k: v for k, v in settings["sampling"].items() if k not in _NOT_RECORDED_SAMPLING}
-    for key in ("checkpoint", "vq_ckpt"):
-        if settings[key]:
-            settings[key] = str(Path(settings[key]).resolve())
+    settings["checkpoint_sha256"] = file_digest(config.checkpoint)
+    settings["tokenizer_sha256"] = file_digest(config.vq_ckpt) if config.tokenizer == "vq16" else None
+    settings["files"] = {key: str(Path(getattr(config, key)).resolve()) for key in ("checkpoint", "vq_ckpt")
+                         if getattr(config, key)}
     return settings
 
 
-def _check_settings(config: SampleFIDConfig, output_dir: Path) -> None:
+def _check_settings(settings: dict, output_dir: Path) -> None:
     path = output_dir / SETTINGS_FILE
     if not path.is_file():
         return
-    recorded, current = _flat(json.loads(path.read_text())), _flat(_recorded_settings(config))
-    differ = [f"{k}={recorded.get(k)!r} there, {v!r} now" for k, v in current.items() if recorded.get(k) != v]
-    if differ:
-        raise ValueError(f"{output_dir} holds samples made with other settings ({'; '.join(differ)}); "
-                         f"use another output_dir, or delete it to start over")
-
-
-def _flat(settings: dict, prefix: str = "") -> dict:
-    """{"sampling": {"cfg": 2.0}} -> {"sampling.cfg": 2.0}."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _write_settings(config: SampleFIDConfig, output_dir: Path) -> None:
-    text = json.dumps(_recorded_settings(config), indent=1)
-    atomic_write(output_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(text))
+    recorded = json.loads(path.read_text())
+    differ = differences(recorded, {k: v for k, v in settings.items() if k != "files"})
+    require(not differ, f"{output_dir} holds samples made with other settings ({describe_differences(differ)}); "
+                        f"use another output_dir, or delete it to start over")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +298,10 @@ def _barrier(device: torch.device) -> None:
 def _validate(config: SampleFIDConfig) -> None:
     require(config.checkpoint not in ("", "???"),
             "checkpoint must be set (our .safetensors or a published ARPG / LlamaGen / PAR .pt)")
+    require(Path(config.checkpoint).is_file(), f"checkpoint {config.checkpoint!r} not found")
+    require(config.tokenizer != "vq16" or Path(config.vq_ckpt).is_file(),
+            f"vq_ckpt {config.vq_ckpt!r} not found: tokenizer=vq16 needs LlamaGen's vq_ds16_c2i.pt (downloaded by "
+            f"you from huggingface.co/FoundationVision/LlamaGen) or our VQ .safetensors")
     require(config.token_grid is None or config.token_grid >= 1,
             f"token_grid must be >= 1 or null, got {config.token_grid}")
     require(config.image_size_eval is None or config.image_size_eval >= 1,
@@ -307,6 +309,8 @@ def _validate(config: SampleFIDConfig) -> None:
     require(config.weights in WEIGHTS_CHOICES, f"weights must be one of {WEIGHTS_CHOICES}, got {config.weights!r}")
     require(config.tokenizer in TOKENIZER_CHOICES,
             f"tokenizer must be one of {TOKENIZER_CHOICES}, got {config.tokenizer!r}")
+    require(config.precision in PRECISION_CHOICES,
+            f"precision must be one of {PRECISION_CHOICES}, got {config.precision!r}")
     require(config.num_images >= 1, f"num_images must be >= 1, got {config.num_images}")
     require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
     require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")

@@ -128,6 +128,23 @@ class VQConfig:
         if any(w % 32 for w in widths):
             raise ValueError(f"ch * ch_mult must be multiples of 32 (GroupNorm groups), got widths {widths}")
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> VQConfig:
+        """The architecture a LlamaGen-layout state dict was made with, read off its tensor shapes
+        (the published `.pt` records no config; VQ-16's file gives `VQConfig()`)."""
+        try:
+            codebook_size, embed_dim = state["quantize.embedding.weight"].shape
+            ch, in_channels = state["encoder.conv_in.weight"].shape[:2]
+            levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.conv_blocks.")})
+            blocks = {int(k.split(".")[4]) for k in state if k.startswith("encoder.conv_blocks.0.res.")}
+            widths = [state[f"encoder.conv_blocks.{i}.res.{len(blocks) - 1}.conv2.weight"].shape[0] for i in levels]
+            return cls(codebook_size=codebook_size, codebook_embed_dim=embed_dim,
+                       z_channels=state["quant_conv.weight"].shape[1], ch=ch, ch_mult=tuple(w // ch for w in widths),
+                       num_res_blocks=len(blocks), in_channels=in_channels,
+                       out_channels=state["decoder.conv_out.weight"].shape[0])
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"not a LlamaGen VQ state dict (no or malformed {err})") from None
+
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6)
@@ -346,8 +363,9 @@ class VQTokenizer(Tokenizer):
     def from_checkpoint(cls, path: str | Path, config: VQConfig | None = None) -> VQTokenizer:
         """Load weights from LlamaGen's `.pt` (a dict with key "model") or our `.safetensors`.
 
-        `config` defaults to the one stored in our safetensors metadata, else VQ-16. Keys and
-        shapes must match exactly; the error names the first mismatch.
+        `config` defaults to the one stored in our safetensors metadata, else the one the tensor
+        shapes say (`VQConfig.from_state_dict`: VQ-16 for the published file). Keys and shapes
+        must match exactly; the error names the first mismatch.
         """
         path = Path(path)
         if not path.is_file():
@@ -357,8 +375,13 @@ class VQTokenizer(Tokenizer):
         # load_weights reads both formats, takes "model" from LlamaGen's dict and turns unreadable
         # files into a ValueError naming the file.
         state_dict, _ = load_weights(path)
+        if config is None:
+            try:
+                config = _stored_vq_config(path) or VQConfig.from_state_dict(state_dict)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
         with torch.device("meta"):  # no point initialising 72M weights that are overwritten next
-            tokenizer = cls(config or _stored_vq_config(path) or VQConfig())
+            tokenizer = cls(config)
         check_state_dict(tokenizer, state_dict, path)
         tokenizer.load_state_dict(state_dict, strict=True, assign=True)
         tokenizer.source = path.name
@@ -428,7 +451,12 @@ def _stored_vq_config(path: Path) -> VQConfig | None:
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    return VQConfig(**json.loads(metadata["vq_config"])) if "vq_config" in metadata else None
+    if "vq_config" not in metadata:
+        return None
+    try:
+        return VQConfig(**json.loads(metadata["vq_config"]))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"its 'vq_config' metadata is not a VQConfig in JSON ({err})") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,12 +4,15 @@ suite is self-contained; a missing file is a failure, never a skip."""
 from __future__ import annotations
 
 import json
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def data_file(name: str) -> Path:
@@ -50,3 +53,17 @@ def llamagen_goldens() -> dict:
 @pytest.fixture(scope="session")
 def llamagen_layout() -> dict:
     return json.loads(data_file("llamagen_par_state_dict_layout.json").read_text())
+
+
+def run_script(name: str, *overrides: str) -> int:
+    """Run scripts/<name>.py in this process with `overrides` as its command line, exactly as
+    `python scripts/<name>.py ...` would (without a new interpreter's start-up); its exit status."""
+    argv = sys.argv
+    sys.argv = [str(REPO / "scripts" / f"{name}.py"), *overrides]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        sys.argv = argv
+    return 0

@@ -141,3 +141,13 @@ def test_atomic_write_respects_umask(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_bad_config_metadata_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_model("ARPG-tiny", vocab_size=17, block_size=16, num_classes=10, dim=32)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"arpg_config": "{oops"})
+    with pytest.raises(ValueError, match=r"m\.safetensors: its 'arpg_config' metadata is not valid JSON"):
+        load_model(path)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,9 +16,14 @@ import torch
 from PIL import Image
 
 import arpg.data as data
-from arpg.data import (ExtractConfig, ShardWriter, TokenDataset, convert_npy_folder, digits_dataset,
-                       extract_codes)
+import arpg.runtime
+from arpg.data import (ExtractConfig, ShardWriter, TokenDataset, convert_npy_folder, default_batch_size,
+                       digits_dataset, extract_codes)
+from arpg.errors import SettingError
+from arpg.files import FolderLock
+from arpg.runtime import worker_count
 from arpg.tokenizer import PixelTokenizer, VQConfig, VQTokenizer
+from conftest import run_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,6 +141,31 @@ def test_convert_npy_folder_errors(tmp_path):
         convert_npy_folder(tmp_path, tmp_path / "out")
 
 
+@pytest.mark.parametrize("bad, problem", [
+    ("object", "holds pickled Python objects"), ("empty", "is empty"), ("text", "not a .npy file (no NumPy header)"),
+    ("out_of_range", "token ids must be in [0, 99], got values in [0, 100]"),
+])
+def test_convert_npy_folder_names_the_bad_file(tmp_path, bad, problem):
+    """With a million files, the error must say which one; and never invite unsafe (pickle) loading."""
+    for i in range(3):
+        (tmp_path / "src" / "4").mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "src" / "4" / f"{i}.npy", np.zeros((1, 1, 16), dtype=np.int64))
+    culprit = tmp_path / "src" / "4" / "1.npy"
+    if bad == "object":
+        np.save(culprit, np.array([{"codes": 1}], dtype=object), allow_pickle=True)
+    elif bad == "empty":
+        culprit.write_bytes(b"")
+    elif bad == "text":
+        culprit.write_text("not codes")
+    else:
+        np.save(culprit, np.full((1, 1, 16), 100, dtype=np.int64) * (np.arange(16) % 2))
+    with pytest.raises(ValueError) as error:
+        convert_npy_folder(tmp_path / "src", tmp_path / "out", codebook_size=100)
+    message = str(error.value)
+    assert message.startswith(f"{culprit}: ") and problem in message, message
+    assert "unsafe" not in message and "allow_pickle" not in message
+
+
 # ---- extraction --------------------------------------------------------------------------------
 
 SIZES = [(12, 9), (9, 12), (20, 20), (31, 17), (8, 8), (40, 25)]
@@ -223,6 +252,32 @@ def test_extract_codes_resumes_without_duplicates(image_tree, tmp_path, monkeypa
         extract_codes(_config(image_tree, tmp_path / "out", augment="none"))
 
 
+def test_extraction_refuses_a_folder_in_use_and_removes_partial_writes(image_tree, tmp_path):
+    out = tmp_path / "out"
+    with FolderLock(out, "code extraction"):
+        with pytest.raises(SettingError, match=rf"{re.escape(str(out))} is in use by process {os.getpid()} "):
+            extract_codes(_config(image_tree, out))
+    assert not (out / "manifest.json").exists()
+
+
+def test_extraction_fits_the_machine(monkeypatch):
+    """Default views per encode call from the free memory (8 full-resolution feature maps of the VQ's
+    first width per view); loader workers bounded by the cores."""
+    vq16 = VQTokenizer(VQConfig())
+    gib = 2 ** 30
+    monkeypatch.setattr(data.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 8 * gib})())
+    # One 256x256 view: 8 maps of 256 x 256 x 128 float32 = 256 MiB; half of 8 GiB free holds 16 of them.
+    assert default_batch_size(vq16, 256, torch.device("cpu")) == 16
+    assert default_batch_size(vq16, 128, torch.device("cpu")) == 64
+    assert default_batch_size(PixelTokenizer(256), 256, torch.device("cpu")) == 256
+    monkeypatch.setattr(arpg.runtime, "available_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert (worker_count(None), worker_count(0), worker_count(16)) == (1, 0, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of a launcher share the 2 cores
+    assert (worker_count(None), worker_count(16)) == (0, 1)
+    assert ExtractConfig().batch_size is None and ExtractConfig().num_workers is None
+
+
 def test_extract_ten_crop_with_tiny_vq(image_tree, tmp_path):
     for name in ("a", "b"):  # one class is enough here; keeps the CPU encode short
         shutil.rmtree(image_tree / name)
@@ -265,20 +320,16 @@ def test_extract_config_errors(image_tree, tmp_path):
         extract_codes(ExtractConfig(output_dir=str(tmp_path)))
 
 
-def test_extract_script_and_yaml_mirror_the_config(image_tree, tmp_path):
+def test_extract_script_and_yaml_mirror_the_config(image_tree, tmp_path, capsys):
     yaml_text = (REPO / "configs" / "extract_codes.yaml").read_text()
-    assert yaml_text.splitlines()[0] == "defaults: [extract_codes_schema, _self_]"
+    assert yaml_text.splitlines()[0] == "defaults: [extract_codes_schema, quiet_hydra, _self_]"
     keys = {line.split(":")[0] for line in yaml_text.splitlines() if line and line[0].isalpha()}
     assert keys - {"defaults"} == {f.name for f in fields(ExtractConfig)}
 
     out = tmp_path / "out"
-    base = [sys.executable, str(REPO / "scripts" / "extract_codes.py"), f"data_path={image_tree}",
-            f"output_dir={out}", "tokenizer=pixel", "image_size=8", "num_workers=0", "device=cpu",
-            f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "extracted 36 images" in done.stdout
+    assert run_script("extract_codes", f"data_path={image_tree}", f"output_dir={out}", "tokenizer=pixel",
+                      "image_size=8", "num_workers=0", "device=cpu") == 0
+    assert "extracted 36 images" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["complete"]
 
 

@@ -6,12 +6,15 @@ exercised end to end with a small deterministic feature extractor instead.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+from arpg.cli import compose_config
+from arpg.errors import MissingPrerequisites
 from arpg.eval import (
     INCEPTION_WEIGHTS_FILENAME,
     EvalConfig,
@@ -235,17 +238,17 @@ def test_reference_stats_without_stats_or_images_names_the_file(tmp_path):
 
 def test_missing_inception_weights_name_the_needed_file(tmp_path):
     given = tmp_path / "inception.pth"
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(MissingPrerequisites) as error:
         InceptionFeatures(given)
     assert str(given) in str(error.value)
     assert INCEPTION_WEIGHTS_FILENAME in str(error.value)
 
 
 def test_inception_weights_folder_and_default_location(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / INCEPTION_WEIGHTS_FILENAME)):
+    with pytest.raises(MissingPrerequisites, match=str(tmp_path / INCEPTION_WEIGHTS_FILENAME)):
         InceptionFeatures(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / ".cache" / "arpg" / INCEPTION_WEIGHTS_FILENAME)):
+    with pytest.raises(MissingPrerequisites, match=str(tmp_path / ".cache" / "arpg" / INCEPTION_WEIGHTS_FILENAME)):
         InceptionFeatures()
 
 
@@ -259,32 +262,79 @@ def test_wrong_weights_file_is_rejected_before_loading(tmp_path):
         InceptionFeatures(path)
 
 
-def test_missing_torch_fidelity_says_how_to_install(tmp_path, monkeypatch):
-    path = tmp_path / INCEPTION_WEIGHTS_FILENAME
-    torch.save({"fc.weight": torch.zeros(1008, 2048)}, path)
+def _without_torch_fidelity(monkeypatch):
     # A None entry in sys.modules makes `import` raise ImportError, as if the package were absent.
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
-    with pytest.raises(ImportError, match=r"pip install 'arpg\[eval\]'"):
+
+
+def test_missing_torch_fidelity_says_how_to_install(tmp_path, monkeypatch):
+    path = tmp_path / INCEPTION_WEIGHTS_FILENAME
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, path)
+    _without_torch_fidelity(monkeypatch)
+    # `arpg` is not on PyPI: the hint names the package itself, or the extra of a clone.
+    with pytest.raises(MissingPrerequisites, match=r"pip install torch-fidelity \(or, in a clone of this "
+                                                   r"repository, pip install -e '\.\[eval\]'\)"):
         InceptionFeatures(path)
+
+
+def test_every_missing_prerequisite_is_reported_together(tmp_path, monkeypatch):
+    _without_torch_fidelity(monkeypatch)
+    with pytest.raises(MissingPrerequisites) as error:
+        InceptionFeatures(tmp_path / "w.pth")
+    message = str(error.value)
+    assert str(tmp_path / "w.pth") in message and "torch-fidelity package is not installed" in message
+    assert "\n" not in message
 
 
 def test_evaluate_config_reports_missing_weights(tmp_path):
     samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
     np.savez(samples, arr_0=_random_images(8, seed=10))
     np.savez(ref, arr_0=_random_images(8, seed=11))
-    config = EvalConfig(sample_npz=str(samples), ref_npz=str(ref), weights_path=str(tmp_path / "w.pth"))
-    with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_FILENAME):
+    config = EvalConfig(sample_npz=str(samples), ref_npz=str(ref), weights_path=str(tmp_path / "w.pth"), splits=2)
+    with pytest.raises(MissingPrerequisites, match=INCEPTION_WEIGHTS_FILENAME):
         evaluate(config)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(k=0), "k must be in [1, 7]"), (dict(k=9), "k must be in [1, 7]"),
+    (dict(splits=0), "splits must be in [1, 8]"), (dict(splits=9), "splits must be in [1, 8]"),
+    (dict(batch_size=0), "batch_size must be >= 1"), (dict(device="tpu"), "device must be"),
+    (dict(extractor="pixels"), "extractor must be 'inception' or 'module:name'"),
+    (dict(extractor="no_such_module:f"), "extractor 'no_such_module:f' cannot be imported"),
+])
+def test_evaluate_rejects_bad_settings_before_extracting_features(tmp_path, monkeypatch, settings, message):
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=_random_images(8, seed=10))
+    np.savez(ref, arr_0=_random_images(9, seed=11))
+    calls = []
+    monkeypatch.setattr("arpg.eval.extract_features", lambda *args, **kwargs: calls.append(args))
+    config = EvalConfig(sample_npz=str(samples), ref_npz=str(ref),
+                        **{"extractor": "test_eval:_pixel_extractor", "splits": 2, **settings})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate(config)
+    assert not calls
+
+
+def test_evaluate_with_another_extractor_named_on_the_command_line(tmp_path):
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=_random_images(30, seed=15))
+    np.savez(ref, arr_0=_random_images(30, seed=16))
+    config = compose_config("evaluate", EvalConfig, [f"sample_npz={samples}", f"ref_npz={ref}", "splits=3",
+                                                     "extractor=test_eval:_pixel_extractor"])
+    by_name = evaluate(config)
+    assert by_name == evaluate_npz(samples, ref, extractor=_pixel_extractor, splits=3)
 
 
 # ----------------------------------------------------------------------------- evaluate_npz
 
 def test_evaluate_npz_samples_equal_to_reference(tmp_path, capsys):
+    # The reference file holds the same images in another order: the statistics and the k-NN balls
+    # do not depend on the order, so FID is 0 and precision = recall = 1.
     images = _random_images(120, seed=12)
     samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
     np.savez(samples, arr_0=images)
-    np.savez(ref, arr_0=images)
+    np.savez(ref, arr_0=images[np.random.default_rng(0).permutation(120)])
     results = evaluate_npz(samples, ref, extractor=_pixel_extractor, batch_size=32, splits=4)
     assert results["num_samples"] == 120
     assert abs(results["fid"]) < 1e-6
@@ -293,6 +343,22 @@ def test_evaluate_npz_samples_equal_to_reference(tmp_path, capsys):
     header = capsys.readouterr().out.splitlines()[0]
     assert [cell.strip() for cell in header.strip("|").split("|")] == [
         "num_samples", "fid", "inception_score", "inception_score_std", "precision", "recall"]
+
+
+def test_evaluate_npz_equals_the_metrics_of_both_files_computed_directly(tmp_path):
+    # Two different sets (the reference brighter): every number must be the metric of the right file.
+    sample_images, ref_images = _random_images(50, seed=17), _random_images(60, seed=18) // 2 + 100
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=sample_images)
+    np.savez(ref, arr_0=ref_images)
+    results = evaluate_npz(samples, ref, extractor=_pixel_extractor, batch_size=16, splits=5, k=4)
+    sample_features, sample_probs = _pixel_extractor(sample_images)
+    ref_features, _ = _pixel_extractor(ref_images)
+    expected_fid = frechet_distance(*feature_statistics(sample_features), *feature_statistics(ref_features))
+    assert expected_fid > 100 and results["fid"] == pytest.approx(expected_fid, rel=1e-9)
+    assert (results["precision"], results["recall"]) == precision_recall(ref_features, sample_features, k=4)
+    assert results["inception_score"] == pytest.approx(inception_score(sample_probs, 5)[0], rel=1e-12)
+    assert results["num_samples"] == 50
 
 
 def test_evaluate_npz_uses_reference_statistics(tmp_path):

@@ -22,10 +22,20 @@ def test_golden_training_forward(golden_model, arpg_golden, mode):
 
 
 def test_eval_mode_stays_causal(golden_model, arpg_golden):
-    # The published eval mode drops the mask and so reproduces `eval_mode_logits`; ours must not.
-    logits, _ = golden_model(arpg_golden["tokens"], arpg_golden["labels"], arpg_golden["orders"])
-    leak = (_in_order(logits, arpg_golden["orders"]) - arpg_golden["eval_mode_logits"]).abs().max()
-    assert leak > 1e-2
+    # The published eval mode drops the mask and so reproduces `eval_mode_logits`; ours keeps the
+    # training-time causal mask: it gives the (causal) train-mode logits, and changing the token
+    # predicted k-th moves only the predictions after it.
+    golden_model.eval()
+    tokens, labels, orders = arpg_golden["tokens"], arpg_golden["labels"], arpg_golden["orders"]
+    in_order = _in_order(golden_model(tokens, labels, orders)[0], orders)
+    assert (in_order - arpg_golden["train_logits"]).abs().max() <= 1e-4
+    assert (in_order - arpg_golden["eval_mode_logits"]).abs().max() > 1e-2
+    k, rows = 7, torch.arange(tokens.shape[0])
+    changed = tokens.clone()
+    changed[rows, orders[:, k]] = (tokens[rows, orders[:, k]] + 1) % golden_model.config.vocab_size
+    moved = _in_order(golden_model(changed, labels, orders)[0], orders)
+    torch.testing.assert_close(moved[:, :k + 1], in_order[:, :k + 1], atol=1e-6, rtol=0)
+    assert (moved[:, k + 1:] - in_order[:, k + 1:]).abs().amax(-1).min() > 1e-4  # every later query sees it
 
 
 def test_rope_table_matches_reference(golden_model, arpg_golden):
@@ -157,6 +167,13 @@ def test_registry():
 
 
 def test_rope_extends_beyond_training_grid():
-    # Columns past the training grid get larger angles, not a wrap-around.
-    rope = rope_2d(torch.tensor([0, 0]), torch.tensor([3, 20]), head_dim=16)
-    assert not torch.allclose(rope[0], rope[1])
+    # Columns past the training grid get the angles of their own index (col * frequency), not a
+    # wrap-around to col % grid.
+    head_dim, base = 16, 10000.0
+    rope = rope_2d(torch.tensor([0, 0]), torch.tensor([3, 20]), head_dim=head_dim, base=base)  # (2, 8, 2)
+    freqs = base ** (-torch.arange(0, head_dim // 2, 2, dtype=torch.float32) / (head_dim // 2))
+    for i, col in enumerate((3, 20)):
+        torch.testing.assert_close(rope[i, 4:, 0], torch.cos(col * freqs))
+        torch.testing.assert_close(rope[i, 4:, 1], torch.sin(col * freqs))
+        torch.testing.assert_close(rope[i, :4], torch.stack([torch.ones(4), torch.zeros(4)], -1))  # row 0
+    assert not torch.allclose(rope[1], rope_2d(torch.tensor([0]), torch.tensor([20 % 4]), head_dim=head_dim)[0])

@@ -212,6 +212,12 @@ def test_make_order_by_name(name):
     order = make_order(name, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert order.shape == (3, 64) and order.dtype == torch.int64
     assert _is_permutation(order, 64)
+    shared = name != "random"  # every other named order is one order for the whole batch
+    assert torch.equal(order[1], order[0]) == shared and torch.equal(order[2], order[0]) == shared
+    if name.startswith("random"):  # seeded: the same generator state gives the same order, another seed another
+        again = make_order(name, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        other = make_order(name, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(order, again) and not torch.equal(order, other)
 
 
 def test_make_order_from_tensor_and_unknown_name():

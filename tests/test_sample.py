@@ -102,10 +102,26 @@ def test_golden_without_cache_matches_too(golden_model, arpg_golden):
     assert torch.equal(out.flatten(1), arpg_golden["generate_output"])
 
 
-def test_causal_within_step_differs_from_golden(golden_model, arpg_golden):
-    # The reference attends block-wise within a step; a causal mask moves the logits (README: >= 0.3).
-    _, logits = _golden_run(golden_model, arpg_golden, causal_within_step=True)
-    assert (logits[1] - arpg_golden["decode_steps"][1]["logits"]).abs().max() > 0.1
+@pytest.mark.parametrize("causal", [True, False])
+def test_causal_within_step_gives_the_training_forward_at_each_steps_first_slot(golden_model, arpg_golden, causal):
+    # With a causal mask inside each step, the cache holds exactly the training forward's content
+    # states, so each step's first query (which sees everything fed before it, as training's query
+    # k sees the first k tokens) has the teacher-forced logits. Block-wise steps (published) do not.
+    B = arpg_golden["labels"].shape[0]
+    sizes = tuple(arpg_golden["num_pred_per_step"])
+    order = arpg_golden["gen_order"].expand(B, -1)
+    fixed = arpg_golden["gen_fixed_tokens"]
+    recorder = _Recorder(lambda slots, logits: fixed[:, slots])
+    decode_grid(golden_model, arpg_golden["labels"], DecodePlan(order, sizes), recorder,
+                SamplingOptions(cfg=None, causal_within_step=causal))
+    forward, _ = golden_model(arpg_golden["generate_output"], arpg_golden["labels"], order)
+    first_slots = [sum(sizes[:i]) for i in range(len(sizes))]
+    gaps = [(logits[:, 0] - forward[torch.arange(B), order[:, slot]]).abs().max()
+            for logits, slot in zip(recorder.logits, first_slots)]
+    if causal:
+        assert max(gaps) <= 1e-4
+    else:
+        assert gaps[0] <= 1e-4 and max(gaps[1:]) > 1e-2  # step 0 feeds only the class token either way
 
 
 def test_linear_cfg_scales_follow_published_formula():
@@ -186,10 +202,15 @@ def test_every_position_decoded_once_in_raster_output(model, schedule):
 
 
 def test_raster_order_one_token_per_step_is_classic_ar(model):
+    # One token per step in raster order: step k's logits are the teacher-forced causal forward's
+    # logits for position k on the decoded image (class token and tokens 0..k-1 seen).
     plan = make_plan("raster", 2, GRID, GRID, T, "arccos")
     assert plan.tokens_per_step == (1,) * T
-    out = decode_grid(model, torch.tensor([0, 1]), plan, _slot_ids, SamplingOptions(cfg=2.0))
-    assert torch.equal(out.flatten(1), torch.arange(T).expand(2, -1))
+    recorder = _Recorder(lambda slots, logits: logits.argmax(-1))
+    out = decode_grid(model, torch.tensor([0, 1]), plan, recorder, SamplingOptions(cfg=None))
+    forward, _ = model(out.flatten(1), torch.tensor([0, 1]), order=plan.order)
+    torch.testing.assert_close(torch.cat(recorder.logits, dim=1), forward, atol=1e-5, rtol=0)
+    assert torch.equal(out.flatten(1), forward.argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,3 +447,63 @@ def test_compiled_step_gives_the_same_tokens(model):
         return sample.generate(model, [0, 1, 2], steps=5, cfg=2.0, compile=compile,
                                generator=torch.Generator().manual_seed(0))
     assert torch.equal(draw(False), draw(True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear guidance where it runs
+
+
+def _recording_engines(calls):
+    """Wrap a step-engine factory so every engine records the raw (rows, n, V) logits it returns."""
+    def wrap(make):
+        def made(*args, **kwargs):
+            engine = make(*args, **kwargs)
+
+            def recording(fed):
+                logits = engine(fed)
+                calls.append(logits.clone())  # the loop mixes the guidance into these in place
+                return logits
+            return recording
+        return made
+    return wrap
+
+
+class _GuidedRecorder(TokenSampler):
+    """The real sampler, keeping the guided logits of every step it is given."""
+
+    seen: list = []
+
+    def __call__(self, slots, logits):
+        _GuidedRecorder.seen.append(logits.clone())
+        return super().__call__(slots, logits)
+
+
+def _assert_linear_ramp(raw, guided, sizes, known, total, cfg, batch):
+    assert len(raw) == len(guided) == len(sizes)
+    done = known
+    for both, mixed, n in zip(raw, guided, sizes):
+        done += n
+        scale = 1 + (cfg - 1) * done / total
+        cond, uncond = both[:batch], both[batch:]
+        torch.testing.assert_close(mixed, uncond + (cond - uncond) * scale, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_applies_the_linear_guidance_ramp_at_every_step(model, monkeypatch):
+    raw, _GuidedRecorder.seen = [], []
+    monkeypatch.setattr(model, "decoder", _recording_engines(raw)(model.decoder))
+    monkeypatch.setattr(sample.decode, "TokenSampler", _GuidedRecorder)
+    sample.generate(model, [0, 1, 2], steps=5, schedule="cosine", cfg=3.0, cfg_schedule="linear",
+                    generator=torch.Generator().manual_seed(0))
+    _assert_linear_ramp(raw, _GuidedRecorder.seen, decode_schedule(T, 5, "cosine"), 0, T, 3.0, 3)
+
+
+def test_inpaint_counts_the_known_tokens_in_the_linear_ramp(model, monkeypatch):
+    raw, _GuidedRecorder.seen = [], []
+    monkeypatch.setattr(sample.editing, "ARPGDecoder", _recording_engines(raw)(ARPGDecoder))
+    monkeypatch.setattr(sample.editing, "TokenSampler", _GuidedRecorder)
+    tokens = torch.randint(0, 16, (2, GRID, GRID), generator=torch.Generator().manual_seed(0))
+    keep = torch.zeros(GRID, GRID, dtype=torch.bool)
+    keep[:, :1] = True  # 4 known tokens, 12 to decode
+    sample.inpaint(model, tokens, keep, [0, 1], steps=4, schedule="linear", cfg=2.5, cfg_schedule="linear",
+                   generator=torch.Generator().manual_seed(0))
+    _assert_linear_ramp(raw, _GuidedRecorder.seen, decode_schedule(T - GRID, 4, "linear"), GRID, T, 2.5, 2)

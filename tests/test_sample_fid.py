@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,7 +20,9 @@ from PIL import Image
 from arpg import create_model
 from arpg.checkpoint import save
 from arpg.cli import compose_config
-from arpg.eval import EvalConfig, evaluate_npz
+from arpg.errors import SettingError
+from arpg.eval import EvalConfig, evaluate_npz, feature_statistics, frechet_distance, precision_recall
+from arpg.files import FolderLock
 from arpg.sample import SamplingOptions
 from arpg.sample_fid import SETTINGS_FILE, SampleFIDConfig, image_path, image_seed, npz_path, sample_fid
 from arpg.tokenizer import VQConfig, VQTokenizer
@@ -128,21 +132,70 @@ def test_rerun_generates_only_the_missing_images(weights, tmp_path, capsys):
 
 
 def test_npz_reads_back_through_the_evaluator(weights, tmp_path):
-    """The streamed npz is what arpg.eval (and ADM's evaluator) expects: uint8 (N, H, W, 3) under arr_0."""
+    """The streamed npz is what arpg.eval (and ADM's evaluator) expects: uint8 (N, H, W, 3) under arr_0,
+    holding exactly the PNGs: evaluated against another image set, it scores what the PNGs score."""
     sample_fid(make_config(weights, tmp_path / "a", num_images=8))
-    features = lambda images: (images.reshape(len(images), -1)[:, :6].astype(np.float64),  # noqa: E731
-                               np.full((len(images), 4), 0.25))
-    results = evaluate_npz(npz_path(tmp_path / "a"), npz_path(tmp_path / "a"), extractor=features, splits=2, k=2)
-    assert results["num_samples"] == 8
-    assert results["fid"] == pytest.approx(0.0, abs=1e-6)  # the same images on both sides
+    reference = np.random.default_rng(0).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=reference)
+
+    def features(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return images.reshape(len(images), -1)[:, :6].astype(np.float64), np.full((len(images), 4), 0.25)
+
+    results = evaluate_npz(npz_path(tmp_path / "a"), tmp_path / "ref.npz", extractor=features, splits=2, k=2)
+    pngs = read_pngs(tmp_path / "a", 8)
+    expected = frechet_distance(*feature_statistics(features(pngs)[0]), *feature_statistics(features(reference)[0]))
+    assert results["num_samples"] == 8 and expected > 1
+    assert results["fid"] == pytest.approx(expected, rel=1e-9)
+    assert (results["precision"], results["recall"]) == precision_recall(features(reference)[0], features(pngs)[0], k=2)
 
 
 def test_other_settings_in_the_same_folder_are_refused(weights, tmp_path):
     config = make_config(weights, tmp_path / "s", num_images=2)
     sample_fid(config)
     assert json.loads((tmp_path / "s" / SETTINGS_FILE).read_text())["sampling"]["cfg"] == 2.0
-    with pytest.raises(ValueError, match="sampling.cfg=2.0 there, 3.0 now"):
+    with pytest.raises(ValueError, match="sampling.cfg: 2.0 there, 3.0 now"):
         sample_fid(replace(config, sampling=config.sampling.replace(cfg=3.0)))
+
+
+def test_other_weights_under_the_same_path_are_refused(weights, tmp_path):
+    """The folder records what the weights and the tokenizer are (their content), not where they lie."""
+    checkpoint, vq = tmp_path / "model.safetensors", tmp_path / "vq.safetensors"
+    shutil.copy(weights["checkpoint"], checkpoint)
+    shutil.copy(weights["vq_ckpt"], vq)
+    config = make_config({"checkpoint": checkpoint, "vq_ckpt": vq}, tmp_path / "s", num_images=4)
+    sample_fid(config)
+    retrained = create_model("ARPG-tiny", dim=64, vocab_size=32, block_size=16, num_classes=NUM_CLASSES)
+    save(retrained, checkpoint)  # "retrain": new weights, same file name
+    digest = "'[0-9a-f]{64}'"
+    with pytest.raises(ValueError, match=rf"other settings \(checkpoint_sha256: {digest} there, {digest} now\)"):
+        sample_fid(replace(config, num_images=8))
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+    # The very same files moved elsewhere are the same weights: resumed.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(weights["checkpoint"], moved / "a.safetensors")
+    shutil.move(vq, moved / "b.safetensors")
+    sample_fid(replace(config, checkpoint=str(moved / "a.safetensors"), vq_ckpt=str(moved / "b.safetensors"),
+                       num_images=6))
+    assert len(list((tmp_path / "s").glob("*.png"))) == 6
+
+
+def test_a_failed_start_leaves_the_folder_usable(weights, tmp_path):
+    out = tmp_path / "s"
+    # 100 steps for 4x4 tokens: found against the model, before anything is written.
+    with pytest.raises(SettingError, match=re.escape("sampling.steps must be in [1, 16], got 100")):
+        sample_fid(make_config(weights, out, num_images=2, sampling=SamplingOptions(steps=100)))
+    assert not (out / SETTINGS_FILE).exists() and not list(out.glob("*.png"))
+    sample_fid(make_config(weights, out, num_images=2))  # the corrected run is not refused
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_a_second_sampler_on_the_same_folder_is_refused(weights, tmp_path):
+    out = tmp_path / "s"
+    with FolderLock(out, "FID sampling"):
+        with pytest.raises(SettingError, match=rf"is in use by process {os.getpid()} "):
+            sample_fid(make_config(weights, out, num_images=2))
+    assert not list(out.glob("*.png"))
 
 
 def test_image_seeds_are_distinct_and_stable():

@@ -173,3 +173,24 @@ def test_pixel_tokenizer_grey_rgb_and_errors():
     with pytest.raises(ValueError, match="levels"):
         PixelTokenizer(levels=1)
     assert tokenizer.to_pil(grey)[0].mode == "L"
+
+
+def test_published_pt_layout_of_any_size_loads_without_a_config(tmp_path, vq_golden):
+    """The published `.pt` (a dict with "model") records no config: it is read off the tensor shapes."""
+    pt = tmp_path / "vq_tiny.pt"
+    torch.save({"model": vq_golden["state_dict"]}, pt)
+    loaded = VQTokenizer.from_checkpoint(pt)
+    assert loaded.config == _golden_config(vq_golden)
+    assert torch.equal(loaded.encode(vq_golden["images"]), vq_golden["indices_grid"])
+    with torch.device("meta"):
+        assert VQConfig.from_state_dict(VQTokenizer.vq16().state_dict()) == VQConfig()
+
+
+def test_bad_vq_metadata_names_the_file(tmp_path, golden_vq):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vq.safetensors"
+    tensors = {k: v.contiguous() for k, v in golden_vq.state_dict().items()}
+    save_file(tensors, str(path), metadata={"vq_config": "{oops"})
+    with pytest.raises(ValueError, match=r"vq\.safetensors: its 'vq_config' metadata is not a VQConfig in JSON"):
+        VQTokenizer.from_checkpoint(path)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from arpg.errors import require
+from arpg.errors import SettingError, require
 from arpg.orders import SCHEDULES, DecodePlan, DecodeRules, make_plan
 from arpg.sample.draw import TokenSampler
 from arpg.sample.options import SamplingOptions, resolve_options
@@ -156,6 +156,16 @@ def decode_plan(model: nn.Module, options: SamplingOptions, batch: int,
     require(not rules.fixed or options.steps is None or options.steps == plan.num_steps,
             f"steps: {type(model).__name__} decodes in {plan.num_steps} steps here; leave steps unset")
     return plan
+
+
+def check_sampling(model: nn.Module, options: SamplingOptions, what: str = "sampling") -> None:
+    """Raise `SettingError` (naming the setting as `<what>.<field>`) unless `options` make a decode
+    plan on `model`'s grid, e.g. steps within the token count. Decodes nothing, so it runs before
+    any work, on a model built on the meta device."""
+    try:
+        decode_plan(model, options, 1, [(1, None)], torch.device("cpu"))
+    except ValueError as err:
+        raise SettingError(f"{what}.{err}") from None
 
 
 def generate(model: nn.Module, labels: Sequence[int] | Tensor, options: Optional[SamplingOptions] = None, *,

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from arpg.checkpoint import load_model
+from arpg.errors import require
 from arpg.images import save_grid
 from arpg.runtime import resolve_device
-from arpg.sample.decode import generate
+from arpg.sample.decode import check_sampling, generate
 from arpg.sample.options import SamplingOptions
 from arpg.tokenizer import load_tokenizer
 
@@ -36,9 +37,16 @@ class SampleConfig:
 
 def sample_images(config: SampleConfig) -> Path:
     """Load the model and tokenizer, sample `samples_per_class` images per class, write the grid."""
+    require(len(config.classes) >= 1, "classes must list at least one class id, got []")
+    for name in ("samples_per_class", "nrow", "scale"):
+        require(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
     model = load_model(config.checkpoint, weights=config.weights, device=device)
+    num_classes = model.config.num_classes
+    require(all(0 <= c < num_classes for c in config.classes),
+            f"classes must be class ids in [0, {num_classes}) for this model, got {config.classes}")
+    check_sampling(model, config.sampling)
     labels = [c for c in config.classes for _ in range(config.samples_per_class)]
     images = generate(model, labels, config.sampling, generator=torch.Generator().manual_seed(config.seed),
                       tokenizer=tokenizer, progress=True)

@@ -3,6 +3,13 @@
 `configs/train.yaml` mirrors `TrainConfig` (a Hydra structured config); its groups are
 `model/`, `data/` (`arpg.data.DataSettings`), `optim/`, `sampling/` (`arpg.sample.SamplingOptions`)
 and `experiment/`.
+
+Settings left None are taken from the data set (`resolve`): the run's name and folder, and the
+sample grids' tokenizer and classes (their enlargement from the decoded images' size). So
+`python scripts/train.py data=codes data.path=data/my_codes` trains on one's own codes in
+`runs/tiny_my_codes` with grids decoded by the tokenizer the codes were made with. `plan_run`
+then checks every setting against the data (classes, vocabulary, grid, batch) before any model,
+data loading or output folder exists.
 """
 
 from __future__ import annotations
@@ -12,14 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from arpg import models
 from arpg.data import DataSettings
 from arpg.errors import require
-from arpg import models
 from arpg.orders import ORDERS
+from arpg.sample.decode import check_sampling
 from arpg.sample.options import SamplingOptions
 from arpg.tokenizer import TOKENIZER_CHOICES
 
 DEVICE_CHOICES = ("auto", "cpu")
+# What a resume may change on request (`resume_changes`) of the run it continues (its
+# `run_record`): everything but the model, whose weights would not load.
+RESUME_CHANGES = ("data", "order", "seed", "batch_size", "total_steps", "warmup_steps")
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 STRATEGY_CHOICES = ("ddp", "fsdp")
 
@@ -95,14 +108,16 @@ class RuntimeSettings:
 class GridSettings:
     """Class-conditional sample grids (every `every_steps` and at the end, EMA weights, drawn with
     the run's `sampling` options) and, for the digits data, the final class accuracy of
-    `eval_samples` samples."""
+    `eval_samples` samples. None: from the data set (see `resolve`)."""
 
     every_steps: int = 0  # 0: only at the end
-    classes: list[int] = field(default_factory=lambda: list(range(10)))
+    classes: Optional[list[int]] = None  # None: the data's first (up to) 10 classes
     per_class: int = 10  # images per class in a grid (one row per class); 0 disables grids
-    tokenizer: str = "pixel_digits"  # "pixel_digits" | "pixel" | "vq16" (needs vq_ckpt) | "none" (no images)
-    vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt, for tokenizer=vq16
-    scale: int = 4  # enlarge each image in the PNG grid (nearest), e.g. 4 for 8x8 digits
+    # None: the data's own tokenizer (pixel grey levels, or vq16 with the weights file the codes
+    # were extracted with) | "pixel_digits" | "pixel" | "vq16" (needs vq_ckpt) | "none" (no images)
+    tokenizer: Optional[str] = None
+    vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt (or our VQ safetensors); "": the file the data records
+    scale: Optional[int] = None  # enlarge each image in the PNG (nearest); None: to >= 32 pixels a side
     eval_samples: int = 1000  # digits data only; 0 disables the accuracy check
     seed: int = 0
 
@@ -117,8 +132,8 @@ class TrainConfig:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     sample: GridSettings = field(default_factory=GridSettings)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)  # for the grids and the accuracy check
-    name: str = "tiny_digits"
-    out_dir: str = "runs/tiny_digits"
+    name: Optional[str] = None  # None: <model>_<data>, e.g. tiny_digits, tiny_my_codes (data.path's folder)
+    out_dir: Optional[str] = None  # None: runs/<name>
     order: Optional[str] = None  # ARPG's training order, a name from arpg.orders.ORDERS; None: random
     epochs: float = 40.0
     max_steps: Optional[int] = None  # overrides epochs when set
@@ -128,6 +143,9 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
     resume: str = "auto"  # "auto" (newest complete checkpoint in out_dir, if any) | "none" | a path
+    # What a resume may deliberately change of the run it continues (RESUME_CHANGES), e.g.
+    # [total_steps] to extend a finished run: its schedule is then recomputed for the new length.
+    resume_changes: list[str] = field(default_factory=list)
     tensorboard: bool = True
 
 
@@ -169,14 +187,22 @@ def validate(config: TrainConfig) -> None:
     require(config.order is None or config.order in ORDERS,
             f"order must be one of {sorted(ORDERS)} or null, got {config.order!r}")
     tokenizers = (*TOKENIZER_CHOICES, "none")
-    require(s.tokenizer in tokenizers, f"sample.tokenizer must be one of {tokenizers}, got {s.tokenizer!r}")
-    if s.tokenizer == "vq16" and s.per_class > 0:
+    require(s.tokenizer is None or s.tokenizer in tokenizers,
+            f"sample.tokenizer must be null (the data's own) or one of {tokenizers}, got {s.tokenizer!r}")
+    if s.vq_ckpt and s.per_class > 0 and s.tokenizer in (None, "vq16"):
         require(Path(s.vq_ckpt).is_file(),
-              f"sample.vq_ckpt {s.vq_ckpt!r} not found: download vq_ds16_c2i.pt from the LlamaGen release "
-              f"(huggingface.co/FoundationVision/LlamaGen), pass sample.vq_ckpt=/path/to/it, or set "
-              f"sample.tokenizer=none to train without sample images")
+                f"sample.vq_ckpt {s.vq_ckpt!r} not found: download vq_ds16_c2i.pt from the LlamaGen release "
+                f"(huggingface.co/FoundationVision/LlamaGen), pass sample.vq_ckpt=/path/to/it, or set "
+                f"sample.tokenizer=none to train without sample images")
     for name in ("every_steps", "per_class", "eval_samples"):
         require(getattr(s, name) >= 0, f"sample.{name} must be >= 0, got {getattr(s, name)}")
+    require(s.classes is None or all(c >= 0 for c in s.classes),
+            f"sample.classes must be class ids >= 0 or null (the data's first 10), got {s.classes}")
+    require(s.classes is None or len(s.classes) >= 1 or s.per_class == 0,
+            "sample.classes must name at least one class (or set sample.per_class=0 for no grids), got []")
+    require(s.scale is None or s.scale >= 1, f"sample.scale must be >= 1 or null, got {s.scale}")
+    require(config.name is None or (config.name and "/" not in config.name),
+            f"name must be a non-empty folder name without '/' or null (<model>_<data>), got {config.name!r}")
     require(config.epochs > 0, f"epochs must be > 0, got {config.epochs}")
     require(config.max_steps is None or config.max_steps >= 1, f"max_steps must be >= 1 or null, got {config.max_steps}")
     require(config.stop_at_step is None or config.stop_at_step >= 1,
@@ -185,22 +211,76 @@ def validate(config: TrainConfig) -> None:
         require(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
     require(config.resume in ("auto", "none") or Path(config.resume).is_file(),
             f"resume must be 'auto', 'none' or an existing checkpoint file, got {config.resume!r}")
+    unknown = sorted(set(config.resume_changes) - set(RESUME_CHANGES))
+    require(not unknown, f"resume_changes must name some of {list(RESUME_CHANGES)}, got {unknown}")
+
+
+def resolve(config: TrainConfig, dataset: Any) -> TrainConfig:
+    """`config` with the settings left None taken from the data set (a copy; see the module doc)."""
+    d, s = config.data, config.sample
+    short = config.model.name.removeprefix("ARPG-").lower()
+    name = config.name or f"{short}_{d.label}"
+    tokenizer, vq_ckpt = s.tokenizer, s.vq_ckpt
+    if tokenizer is None:  # the tokenizer the codes were made with
+        tokenizer = "pixel" if dataset.tokenizer.startswith("pixel") else "vq16"
+        if tokenizer == "vq16" and not vq_ckpt:
+            vq_ckpt = dataset.tokenizer_file or ""
+    classes = s.classes if s.classes is not None else list(range(min(10, dataset.num_classes)))
+    sample = dataclasses.replace(s, tokenizer=tokenizer, vq_ckpt=vq_ckpt, classes=classes)
+    return dataclasses.replace(config, name=name, out_dir=config.out_dir or f"runs/{name}", sample=sample)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a resolved config means on its data set: the model config and the step counts."""
+
+    model_config: Any
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    end_step: int  # where this invocation stops (stop_at_step, else total_steps)
+
+
+def plan_run(config: TrainConfig, dataset: Any) -> RunPlan:
+    """Check a resolved config against its data set (batch, classes, the sample tokenizer's
+    vocabulary, the sampling options on the data's grid) and work out the run's shape. Builds the
+    model on the meta device only: no memory, no weights."""
+    o, s = config.optim, config.sample
+    h, w = dataset.grid_size
+    require(o.batch_size <= len(dataset),
+            f"optim.batch_size must be <= the data set size {len(dataset)}, got {o.batch_size}")
+    model_config = config.model.model_config(dataset.codebook_size, h * w, dataset.num_classes)
+    wants_grids = s.tokenizer != "none" and s.per_class > 0
+    if wants_grids:
+        require(all(c < dataset.num_classes for c in s.classes),
+                f"sample.classes must be class ids in [0, {dataset.num_classes}) (the data's classes), got {s.classes}")
+        require(s.tokenizer != "pixel_digits" or dataset.codebook_size == 17,
+                f"sample.tokenizer=pixel_digits has 17 codes, the data {dataset.codebook_size}; leave "
+                f"sample.tokenizer unset (the data's own) or set sample.tokenizer=none")
+        require(s.tokenizer != "vq16" or Path(s.vq_ckpt).is_file(),
+                f"sample.vq_ckpt {s.vq_ckpt!r} not found: the grids of data made with {dataset.tokenizer} need its "
+                f"weights file; pass sample.vq_ckpt=/path/to/vq_ds16_c2i.pt or set sample.tokenizer=none")
+    if wants_grids or (config.data.name == "digits" and s.eval_samples > 0):
+        with torch.device("meta"):
+            model = models.build_model(model_config)
+        check_sampling(model, config.sampling, what="sampling")
+    steps_per_epoch = len(dataset) // o.batch_size
+    total_steps = config.max_steps or max(1, round(config.epochs * steps_per_epoch))
+    warmup_steps = min(round(o.warmup_epochs * steps_per_epoch), total_steps)
+    return RunPlan(model_config, steps_per_epoch, total_steps, warmup_steps,
+                   end_step=min(total_steps, config.stop_at_step or total_steps))
 
 
 def _validate_family_settings(config: TrainConfig) -> None:
-    """Settings that exist for one family only; a family that trains and decodes along its own
-    sequence (LlamaGen, PAR) takes no training order and no decoding order, steps or schedule."""
+    """Settings that exist for one family only; a family that trains along its own sequence
+    (LlamaGen, PAR) takes no training order. (Its decoding options are checked by `plan_run`.)"""
     family, settings = config.model.family, dataclasses.asdict(config.model)
     fields = family.config.__dataclass_fields__
     for key, value in settings.items():
         require(key == "name" or value is None or key in fields,
                 f"model.{key} does not apply to {config.model.name} ({family.config.__name__}); set it to null")
-    if family.fixed_order:
-        require(config.order is None, f"order: {config.model.name} trains along its own sequence; set order=null")
-        for name in ("order", "steps", "schedule"):
-            require(getattr(config.sampling, name) is None,
-                    f"sampling.{name}: {config.model.name} decodes with its own {name}; set sampling.{name}=null "
-                    f"(e.g. sampling=digits_fixed for the digits)")
+    require(config.order is None or not family.fixed_order,
+            f"order: {config.model.name} trains along its own sequence; set order=null")
 
 
 def validate_processes(optim: OptimSettings, num_processes: int) -> None:

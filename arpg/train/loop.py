@@ -22,6 +22,7 @@ state (FSDP2) for the large sizes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,17 +34,19 @@ from tqdm import tqdm
 
 from arpg.checkpoint import save
 from arpg.data import build_dataset
-from arpg.errors import require
+from arpg.errors import SettingError, require
+from arpg.files import FolderLock, remove_partial_writes
 from arpg.images import save_grid
 from arpg.models import build_model
 from arpg.orders import make_order
 from arpg.quality import digits_class_accuracy
-from arpg.runtime import derive_seed
+from arpg.runtime import derive_seed, worker_count
 from arpg.sample import generate
 from arpg.tokenizer import load_tokenizer
-from arpg.train.config import GridSettings, OptimSettings, RuntimeSettings, TrainConfig, TrainResult, validate, \
-    validate_processes
-from arpg.train.state import EMA, Run, find_resume_state, learning_rate
+from arpg.train.config import (GridSettings, OptimSettings, RunPlan, RuntimeSettings, TrainConfig, TrainResult,
+                               plan_run, resolve, validate, validate_processes)
+from arpg.train.state import (EMA, Run, check_same_run, find_resume_state, learning_rate, read_training_state,
+                              run_record)
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +85,15 @@ def _save_sample_grid(model: nn.Module, config: TrainConfig, tokenizer, path: Pa
     labels = [c for c in grid.classes for _ in range(grid.per_class)]
     device = next(model.parameters()).device
     images = generate(model, labels, config.sampling, generator=torch.Generator().manual_seed(grid.seed),
-                      tokenizer=tokenizer.to(device))
-    return save_grid(images, path, nrow=grid.per_class, scale=grid.scale)
+                      tokenizer=tokenizer.to(device))  # (B, C, H, W)
+    scale = grid.scale or max(1, math.ceil(32 / images.shape[-1]))  # small images: at least 32 pixels a side
+    return save_grid(images, path, nrow=grid.per_class, scale=scale)
 
 
 def _make_accelerator(runtime: RuntimeSettings):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     # accelerate keeps precision and sharding settings in a process-wide singleton that refuses to
     # change; train() may run several times in one process (tests, notebooks) with other settings.
@@ -101,8 +105,14 @@ def _make_accelerator(runtime: RuntimeSettings):
         fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
-    return Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision,
-                       fsdp_plugin=fsdp_plugin)
+    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision,
+                              fsdp_plugin=fsdp_plugin)
+    if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate enables FSDP for GPU processes only and silently falls back to DDP on CPU ones;
+        # FSDP2 itself shards over gloo as well, so CPU runs shard like GPU runs (and CI tests it).
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = fsdp_plugin
+    return accelerator
 
 
 def _optimizer(model: nn.Module, optim: OptimSettings, device: torch.device) -> torch.optim.AdamW:
@@ -177,43 +187,81 @@ class _Progress:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train a model as `config` says; returns (and prints) a summary. See the module doc."""
+    """Train a model as `config` says; returns (and prints) a summary. See the module doc.
+
+    Every setting is checked, against the data set too, before any model, data loading or output
+    folder exists; the output folder is then locked for this run (`arpg.files.FolderLock`).
+    """
     started = time.time()
     validate(config)
+    dataset = build_dataset(config.data, config.seed)  # reads a manifest; the shards are mapped lazily
+    config = resolve(config, dataset)
+    plan = plan_run(config, dataset)
     accelerator = _make_accelerator(config.runtime)
     validate_processes(config.optim, accelerator.num_processes)
+    out_dir = Path(config.out_dir).resolve()
+    with FolderLock(out_dir, "training") if accelerator.is_main_process else nullcontext():
+        return _train(config, dataset, plan, accelerator, started)
+
+
+def _prepare_folder(config: TrainConfig, record: dict, dataset,
+                    accelerator) -> tuple[Optional[Path], Optional[dict], object]:
+    """On the main process (which holds the folder lock): remove what killed writes left, load the
+    sample tokenizer, find the checkpoint to resume and check that it continues this run. Every
+    process gets the resume path (and reads the state) or the same error."""
+    out_dir = Path(config.out_dir).resolve()
+    ckpt_dir, state, tokenizer, outcome = out_dir / "checkpoints", None, None, [None, None]
+    if accelerator.is_main_process:
+        try:
+            for folder in (out_dir, ckpt_dir, out_dir / "samples"):
+                remove_partial_writes(folder)
+            if config.sample.tokenizer != "none" and config.sample.per_class > 0:
+                tokenizer = load_tokenizer(config.sample.tokenizer, config.sample.vq_ckpt,
+                                           pixel_levels=dataset.codebook_size)
+                require(tokenizer.codebook_size == dataset.codebook_size,
+                        f"sample.tokenizer={config.sample.tokenizer} has {tokenizer.codebook_size} codes, the data "
+                        f"{dataset.codebook_size}; leave sample.tokenizer unset (the data's own) or set it to none")
+            path, state = find_resume_state(config.resume, ckpt_dir)
+            if state is not None:
+                check_same_run(state, record, path, config.resume_changes)
+            outcome = [str(path) if path else None, None]
+        except ValueError as err:
+            outcome = [None, str(err)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
+    path, error = outcome
+    if error is not None:
+        raise SettingError(error)
+    if path is not None and state is None:
+        state = read_training_state(Path(path))
+    return Path(path) if path else None, state, tokenizer
+
+
+def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: float) -> TrainResult:
     device, optim = accelerator.device, config.optim
-    dataset = build_dataset(config.data, config.seed)
     h, w = dataset.grid_size
-    model_config = config.model.model_config(dataset.codebook_size, h * w, dataset.num_classes)
-    steps_per_epoch = len(dataset) // optim.batch_size
-    require(steps_per_epoch >= 1, f"optim.batch_size must be <= the data set size {len(dataset)}, got {optim.batch_size}")
-    total_steps = config.max_steps or max(1, round(config.epochs * steps_per_epoch))
-    warmup_steps = min(round(optim.warmup_epochs * steps_per_epoch), total_steps)
-    end_step = min(total_steps, config.stop_at_step or total_steps)
+    record = run_record(config, plan, dataset)
+    resume_path, resume_state, tokenizer = _prepare_folder(config, record, dataset, accelerator)
 
     torch.manual_seed(config.seed)  # the same initial weights on every process
-    raw_model = build_model(model_config).to(device)
+    raw_model = build_model(plan.model_config).to(device)
     optimizer = _optimizer(raw_model, optim, device)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    run = Run(config, model_config, accelerator, model, raw_model, optimizer, EMA(raw_model, optim.ema_decay),
-               step=0, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    resume_path, resume_state = find_resume_state(config.resume, run.ckpt_dir)
+    run = Run(config, plan.model_config, accelerator, model, raw_model, optimizer, EMA(raw_model, optim.ema_decay),
+              step=0, steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, record=record)
     if resume_state is not None:
         run.load_checkpoint(resume_state, resume_path)
+        run.readable.add(resume_path)
         del resume_state
     train_model = torch.compile(model) if config.runtime.compile else model
-    wants_grids = config.sample.tokenizer != "none" and config.sample.per_class > 0
-    tokenizer = None
-    if wants_grids and accelerator.is_main_process:
-        tokenizer = load_tokenizer(config.sample.tokenizer, config.sample.vq_ckpt, pixel_levels=dataset.codebook_size)
-        require(tokenizer.codebook_size == dataset.codebook_size,
-              f"sample.tokenizer={config.sample.tokenizer} has {tokenizer.codebook_size} codes, the data "
-              f"{dataset.codebook_size}; pick the tokenizer the data was made with (or sample.tokenizer=none)")
+    wants_grids = config.sample.tokenizer != "none" and config.sample.per_class > 0  # the same on every process
+    steps_per_epoch, total_steps, end_step = plan.steps_per_epoch, plan.total_steps, plan.end_step
+    workers = worker_count(config.data.num_workers, "data.num_workers")
 
     if accelerator.is_main_process:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
         print(f"output folder: {run.out_dir}")
         print(f"{config.model.name}: {raw_model.num_parameters():,} parameters, {len(dataset):,} training images, "
               f"{total_steps} steps of global batch {optim.batch_size} ({accelerator.num_processes} process(es) x "
@@ -231,11 +279,10 @@ def train(config: TrainConfig) -> TrainResult:
             derive_seed(config.seed, _DATA_STREAM, epoch)))
         last_batch = min(steps_per_epoch, first_batch + end_step - run.step)
         batches = _RankBatches(permutation, optim.batch_size, rank, world, accum, first_batch, last_batch)
-        micro_batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches,
-                                                         num_workers=config.data.num_workers,
+        micro_batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                                          pin_memory=device.type == "cuda"))
         for _ in range(first_batch, last_batch):
-            lr = learning_rate(run.step, total_steps, warmup_steps, optim.lr, optim.min_lr)
+            lr = learning_rate(run.step, total_steps, plan.warmup_steps, optim.lr, optim.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)

@@ -9,18 +9,18 @@ import dataclasses
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from arpg.errors import require
+from arpg.errors import SettingError, describe_differences, differences, require
 from arpg.files import atomic_write, read_torch_file
 from arpg.models import build_model
-from arpg.train.config import TrainConfig
+from arpg.train.config import RunPlan, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 _STATE_KEYS = ("model", "ema", "optimizer", "step", "config", "rng")
+CORRUPT_SUFFIX = ".corrupt"
 
 
 def read_training_state(path: Path) -> dict:
@@ -105,28 +106,64 @@ def read_training_state(path: Path) -> dict:
     return state
 
 
+def _set_aside(path: Path, error: Exception) -> None:
+    """Rename an unreadable checkpoint to `<name>.corrupt`: never resumed, never counted as kept,
+    never deleted (it may be worth a look)."""
+    aside = path.with_name(path.name + CORRUPT_SUFFIX)
+    path.replace(aside)
+    log.warning("%s is unreadable, moved aside to %s: %s", path, aside.name, error)
+
+
 def find_resume_state(resume: str, ckpt_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint a run continues from and its state, or (None, None) for a fresh start.
+
+    `resume="auto"` takes the newest checkpoint in `ckpt_dir` that reads completely; unreadable
+    newer ones are moved aside (`_set_aside`), and starting afresh although checkpoints were there
+    is a warning. Call it on the process that holds the run's folder lock.
+    """
+    existing = _checkpoints(ckpt_dir)
     if resume == "none":
-        existing = _checkpoints(ckpt_dir)
         if existing:
-            raise ValueError(f"resume=none but {ckpt_dir} already holds checkpoints ({existing[0].name}, ...); "
-                             f"pass resume=auto to continue that run or choose another out_dir")
+            raise SettingError(f"resume=none but {ckpt_dir} already holds checkpoints ({existing[0].name}, ...); "
+                               f"pass resume=auto to continue that run or choose another out_dir")
         return None, None
     if resume != "auto":
         return Path(resume), read_training_state(Path(resume))
-    for path in _checkpoints(ckpt_dir):
+    for path in existing:
         try:
             return path, read_training_state(path)
         except ValueError as err:
-            log.warning("resume=auto: skipping %s (%s)", path, err)
+            _set_aside(path, err)
+    if existing:
+        log.warning("resume=auto: none of the %d checkpoint(s) in %s could be read (moved aside as *%s); "
+                    "STARTING FROM STEP 0", len(existing), ckpt_dir, CORRUPT_SUFFIX)
     return None, None
 
 
-def _check_same_model(saved: dict, current: Any, path: Path) -> None:
-    differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.to_dict().items()
-              if saved.get(k) != v]
-    require(not differ, f"{path} was trained with another model config ({'; '.join(differ)}); "
-                      f"use the same model settings or another out_dir")
+def run_record(config: TrainConfig, plan: RunPlan, dataset: Any) -> dict[str, Any]:
+    """What identifies a run: the model, the data, the order, the seed, the batch and the schedule.
+    Stored in every checkpoint; a resume must match it except for `config.resume_changes`."""
+    return {"model": plan.model_config.to_dict(),
+            "data": {"name": config.data.name, "split": config.data.split, **dataset.identity},
+            "order": config.order, "seed": config.seed, "batch_size": config.optim.batch_size,
+            "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps}
+
+
+def check_same_run(state: dict, record: dict[str, Any], path: Path, allowed: Sequence[str]) -> None:
+    """Raise `SettingError` naming every setting in which `record` differs from the run that wrote
+    `state`, except the sections in `allowed` (`resume_changes`); the model may never differ."""
+    saved = state.get("run") or {"model": state["config"]["model"]}  # states written before run records
+    changes = differences(saved, record)
+    model = {k: v for k, v in changes.items() if k.startswith("model.")}
+    require(not model, f"{path} was trained with another model config ({describe_differences(model)}); use the "
+                       f"same model settings or another out_dir")
+    refused = {k: v for k, v in changes.items() if k.split(".")[0] not in allowed}
+    sections = ",".join(sorted({k.split(".")[0] for k in refused}))
+    require(not refused, f"{path} continues a run with other settings ({describe_differences(refused)}); use the "
+                         f"same settings or another out_dir, or change them on purpose with "
+                         f"resume_changes=[{sections}]")
+    for key, (was, now) in changes.items():
+        log.warning("resuming %s with a deliberate change (resume_changes): %s: %r there, %r now", path, key, was, now)
 
 
 @dataclass
@@ -143,6 +180,8 @@ class Run:
     step: int
     steps_per_epoch: int
     total_steps: int
+    record: dict  # `run_record`, stored in every checkpoint
+    readable: set = field(default_factory=set)  # checkpoints known to read completely (main process)
 
     @property
     def out_dir(self) -> Path:
@@ -167,6 +206,7 @@ class Run:
         if self.accelerator.is_main_process:
             epoch, batch = divmod(self.step, self.steps_per_epoch)
             state = {
+                "run": self.record,
                 "model": model_state, "ema": ema_state, "optimizer": optimizer_state,
                 "lr_schedule": {"step": self.step, "total_steps": self.total_steps,
                                 "lr": self.optimizer.param_groups[0]["lr"]},
@@ -179,16 +219,32 @@ class Run:
             if self.accelerator.scaler is not None:  # fp16 loss scaling
                 state["grad_scaler"] = self.accelerator.scaler.state_dict()
             atomic_write(path, lambda tmp: torch.save(state, tmp))
-            for old in _checkpoints(self.ckpt_dir)[self.config.keep_checkpoints:]:
-                old.unlink(missing_ok=True)
+            self.readable.add(path)
+            self._prune(newest=path)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the newest `keep_checkpoints` readable checkpoints and delete older ones. The one just
+        written is never deleted, and an unreadable one never counts as kept: it is moved aside."""
+        kept = 0
+        for path in _checkpoints(self.ckpt_dir):
+            if kept >= self.config.keep_checkpoints and path != newest:
+                path.unlink(missing_ok=True)
+                continue
+            if path not in self.readable:
+                try:
+                    read_training_state(path)
+                except ValueError as err:
+                    _set_aside(path, err)
+                    continue
+                self.readable.add(path)
+            kept += 1
 
     def load_checkpoint(self, state: dict, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        _check_same_model(state["config"]["model"], self.model_config, path)
         options = StateDictOptions(full_state_dict=True)
         # The EMA is shaped (and sharded) like the parameters: pass it through them.
         set_model_state_dict(self.model, state["ema"], options=options)

@@ -1,0 +1,117 @@
+"""The FID presets reproduce the published sampling settings, and the README's FID commands use them."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from arpg.cli import compose_config
+from arpg.sample_fid import SampleFIDConfig
+
+from conftest import data_file
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = {"arpg_l": ("ARPG", "ARPG-L"), "arpg_xl": ("ARPG", "ARPG-XL"), "arpg_xxl": ("ARPG", "ARPG-XXL")}
+
+
+@pytest.fixture(scope="module")
+def published() -> dict:
+    return json.loads(data_file("published_fid_settings.json").read_text())
+
+
+def preset_config(name: str, *overrides: str) -> SampleFIDConfig:
+    return compose_config("sample_fid", SampleFIDConfig, [f"preset={name}", "checkpoint=x.pt", *overrides])
+
+
+def test_every_published_model_has_a_preset(published):
+    names = {(system, model) for system in ("ARPG",) for model in published[system]["models"]}
+    assert names == set(PRESETS.values())
+    assert {p.stem for p in (REPO / "configs" / "preset").glob("*.yaml")} >= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_arpg_preset_equals_the_published_run(published, preset):
+    system, model = PRESETS[preset]
+    common, settings = published[system]["common"], published[system]["models"][model]
+    config = preset_config(preset)
+    s = config.sampling
+    assert s.steps == common["step"] and s.schedule == common["sample_schedule"] and s.order == "random"
+    assert s.cfg == settings["cfg_scale"] and s.cfg_schedule == common["cfg_schedule"] == "linear"
+    assert (s.temperature, s.top_k, s.top_p) == (common["temperature"], common["top_k"], common["top_p"])
+    assert s.causal_within_step is False  # the published sampler attends block-wise within a step
+    assert config.precision == "bf16" and common["precision"].startswith("bf16")
+    assert config.num_images == common["num_fid_samples"] and config.seed == common["global_seed"]
+    assert config.weights == "default"  # "model", else "module", else "state_dict": never the EMA, as published
+    assert config.tokenizer == "vq16" and common["image_size"] == 256
+
+
+def _readme_fid_commands() -> list[tuple[list[str], str]]:
+    """(overrides, trailing comment) of every scripts/sample_fid.py command of a published model
+    (checkpoint=.../arpg_*.pt) in the README's code blocks."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            code, _, comment = command.partition("#")
+            if "scripts/sample_fid.py" not in code:
+                continue
+            arguments = shlex.split(code.split("scripts/sample_fid.py", 1)[1])
+            if any(re.fullmatch(r"checkpoint=(.*/)?arpg_\w+\.pt", a) for a in arguments):
+                commands.append((arguments, comment))
+    return commands
+
+
+def test_readme_fid_commands_resolve_to_the_presets(published):
+    commands = _readme_fid_commands()
+    assert len(commands) >= len(PRESETS)
+    seen = set()
+    for overrides, comment in commands:
+        presets = [o.split("=", 1)[1] for o in overrides if o.startswith("preset=")]
+        assert len(presets) == 1, f"README FID command without a preset: {overrides}"
+        preset = presets[0]
+        system, model = PRESETS[preset]
+        # Only where the files are and where the samples go may be added: the sampling is the preset's.
+        extra = [o.split("=", 1)[0] for o in overrides if not o.startswith("preset=")]
+        assert set(extra) <= {"checkpoint", "vq_ckpt", "output_dir", "batch_size", "device"}, overrides
+        assert compose_config("sample_fid", SampleFIDConfig, overrides).sampling == preset_config(preset).sampling
+        fid = published[system]["models"][model].get("expected_fid", published[system]["models"][model].get("readme_fid"))
+        assert f"FID {fid}" in comment, f"README command for {preset} must state the authors' FID {fid}"
+        seen.add(preset)
+    assert seen == set(PRESETS)
+
+
+def test_published_precision_casts_the_model_to_bf16(tmp_path, monkeypatch):
+    """precision=bf16 samples with every weight in bf16 (the published cast); autocast keeps float32."""
+    import torch
+
+    import arpg.sample_fid
+    from arpg import create_model
+    from arpg.checkpoint import save
+    from arpg.sample import SamplingOptions
+    from arpg.sample_fid import sample_fid
+    from arpg.tokenizer import VQConfig, VQTokenizer
+
+    torch.manual_seed(0)
+    model = create_model("ARPG-tiny", dim=64, vocab_size=32, block_size=16, num_classes=10)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    save(model, tmp_path / "m.safetensors")
+    VQTokenizer(VQConfig(codebook_size=32, codebook_embed_dim=4, z_channels=8, ch=32, ch_mult=(1, 1, 2),
+                         num_res_blocks=1)).save(tmp_path / "vq.safetensors")
+    dtypes = []
+    real_generate = arpg.sample_fid.generate
+
+    def recording_generate(model, *args, **kwargs):
+        dtypes.append({p.dtype for p in model.parameters()})
+        return real_generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(arpg.sample_fid, "generate", recording_generate)
+    for precision in ("bf16", "autocast"):
+        sample_fid(SampleFIDConfig(checkpoint=str(tmp_path / "m.safetensors"), vq_ckpt=str(tmp_path / "vq.safetensors"),
+                                   num_images=2, batch_size=2, device="cpu", precision=precision,
+                                   sampling=SamplingOptions(steps=2, cfg=2.0), output_dir=str(tmp_path / precision)))
+    assert dtypes == [{torch.bfloat16}, {torch.float32}]
