@@ -15,7 +15,9 @@ from arpg.sample_fid import SampleFIDConfig
 from conftest import data_file
 
 REPO = Path(__file__).resolve().parent.parent
-PRESETS = {"arpg_l": ("ARPG", "ARPG-L"), "arpg_xl": ("ARPG", "ARPG-XL"), "arpg_xxl": ("ARPG", "ARPG-XXL")}
+PRESETS = {"arpg_l": ("ARPG", "ARPG-L"), "arpg_xl": ("ARPG", "ARPG-XL"), "arpg_xxl": ("ARPG", "ARPG-XXL"),
+           "par_xl_4x": ("PAR", "PAR-XL-4x"), "par_xxl_4x": ("PAR", "PAR-XXL-4x"), "par_3b_4x": ("PAR", "PAR-3B-4x"),
+           "par_3b_16x": ("PAR", "PAR-3B-16x")}
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +30,12 @@ def preset_config(name: str, *overrides: str) -> SampleFIDConfig:
 
 
 def test_every_published_model_has_a_preset(published):
-    names = {(system, model) for system in ("ARPG",) for model in published[system]["models"]}
+    names = {(system, model) for system in ("ARPG", "PAR") for model in published[system]["models"]}
     assert names == set(PRESETS.values())
     assert {p.stem for p in (REPO / "configs" / "preset").glob("*.yaml")} >= set(PRESETS)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p.startswith("arpg")))
 def test_arpg_preset_equals_the_published_run(published, preset):
     system, model = PRESETS[preset]
     common, settings = published[system]["common"], published[system]["models"][model]
@@ -49,9 +51,24 @@ def test_arpg_preset_equals_the_published_run(published, preset):
     assert config.tokenizer == "vq16" and common["image_size"] == 256
 
 
+@pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p.startswith("par")))
+def test_par_preset_equals_the_published_run(published, preset):
+    system, model = PRESETS[preset]
+    common, settings = published[system]["common"], published[system]["models"][model]
+    config = preset_config(preset)
+    s = config.sampling
+    assert (s.steps, s.schedule, s.order) == (None, None, None)  # PAR's own: n single steps, then n per step
+    assert s.cfg == settings["cfg_scale"] and s.cfg_schedule == "constant" and "constant" in common["cfg_schedule"]
+    assert (s.temperature, s.top_k, s.top_p) == (common["temperature"], common["top_k"], common["top_p"])
+    assert config.token_grid == 24 and common["tokens"] == "24x24"
+    assert config.image_size_eval == common["image_size_eval"] == 256 and "bicubic" in common["resize"]
+    assert config.precision == "bf16" and common["precision"].startswith("bf16")
+    assert config.num_images == common["num_fid_samples"] and config.seed == common["global_seed"]
+
+
 def _readme_fid_commands() -> list[tuple[list[str], str]]:
     """(overrides, trailing comment) of every scripts/sample_fid.py command of a published model
-    (checkpoint=.../arpg_*.pt) in the README's code blocks."""
+    (checkpoint=.../arpg_*.pt or PAR-*.pt) in the README's code blocks."""
     text = (REPO / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
@@ -60,7 +77,7 @@ def _readme_fid_commands() -> list[tuple[list[str], str]]:
             if "scripts/sample_fid.py" not in code:
                 continue
             arguments = shlex.split(code.split("scripts/sample_fid.py", 1)[1])
-            if any(re.fullmatch(r"checkpoint=(.*/)?arpg_\w+\.pt", a) for a in arguments):
+            if any(re.fullmatch(r"checkpoint=(.*/)?(arpg_\w+|PAR-[\w-]+)\.pt", a) for a in arguments):
                 commands.append((arguments, comment))
     return commands
 
