@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from arpg.errors import require
 from arpg.orders import SCHEDULES, DecodePlan, DecodeRules, make_plan
+from arpg.runtime import use_bf16
 from arpg.sample.draw import TokenSampler
 from arpg.sample.options import SamplingOptions, resolve_options
 
@@ -103,7 +104,7 @@ def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, 
     if guided:
         conditions = torch.cat([conditions, model.condition.unconditional(conditions)])
     chosen = torch.empty(conditions.shape[0], N, dtype=torch.long, device=device)  # both halves feed the same
-    use_amp = options.amp and device.type == "cuda"
+    use_amp = use_bf16(options.amp, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         engine = make_engine(conditions, torch.bfloat16 if use_amp else next(model.parameters()).dtype)
         start, fed = 0, None
@@ -193,7 +194,7 @@ def decode_grid(model: nn.Module, labels: Tensor, plan: DecodePlan, choose: Choo
     raster order. (`generate` with the token draw made explicit; tests plug in fixed tokens.)"""
     h, w = model.grid
     runtime = dict(causal_within_step=options.causal_within_step, use_cache=options.use_cache,
-                   compile=options.compile)
+                   compile=options.compile, static=options.static)
 
     def make_engine(conditions: Tensor, cache_dtype: torch.dtype) -> StepEngine:
         return model.decoder(conditions, plan.order, plan.tokens_per_step, (h, w), cache_dtype=cache_dtype, **runtime)

@@ -38,7 +38,7 @@ from arpg.images import save_grid
 from arpg.models import build_model
 from arpg.orders import make_order
 from arpg.quality import digits_class_accuracy
-from arpg.runtime import derive_seed
+from arpg.runtime import derive_seed, fast_bf16, set_cpu_threads
 from arpg.sample import generate
 from arpg.tokenizer import load_tokenizer
 from arpg.train.config import GridSettings, OptimSettings, RuntimeSettings, TrainConfig, TrainResult, validate, \
@@ -101,8 +101,11 @@ def _make_accelerator(runtime: RuntimeSettings):
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=["SelfDecoder", "CrossDecoder"],
             reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
-    return Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision,
-                       fsdp_plugin=fsdp_plugin)
+    cpu = runtime.device == "cpu" or not torch.cuda.is_available()
+    precision = runtime.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if fast_bf16("cpu" if cpu else "cuda") else "no"
+    return Accelerator(cpu=runtime.device == "cpu", mixed_precision=precision, fsdp_plugin=fsdp_plugin)
 
 
 def _optimizer(model: nn.Module, optim: OptimSettings, device: torch.device) -> torch.optim.AdamW:
@@ -180,6 +183,7 @@ def train(config: TrainConfig) -> TrainResult:
     """Train a model as `config` says; returns (and prints) a summary. See the module doc."""
     started = time.time()
     validate(config)
+    set_cpu_threads(config.runtime.threads)
     accelerator = _make_accelerator(config.runtime)
     validate_processes(config.optim, accelerator.num_processes)
     device, optim = accelerator.device, config.optim
@@ -240,12 +244,14 @@ def train(config: TrainConfig) -> TrainResult:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             for a in range(accum):
-                tokens, labels = (t.to(device, non_blocking=True) for t in next(micro_batches))
+                tokens, labels = next(micro_batches)
+                raw_model.check_inputs(tokens, labels)  # on the CPU, so the forward needs no device sync
+                tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 generator = _micro_batch_generator(config, run.step, rank * accum + a, device)
                 order = make_order(config.order, micro, h, w, generator=generator, device=device)
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
-                    _, loss = train_model(tokens, labels, order, generator=generator)
+                    _, loss = train_model(tokens, labels, order, generator=generator, check=False)
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
             grad_norm = None
