@@ -295,7 +295,7 @@ def test_inpaint_keeps_tokens_and_feeds_them_as_context(model, monkeypatch):
     keep[1, -1, -1] = True  # every sample has context here (a context-free one is tested below)
     contexts, queried = _record_contexts(model, monkeypatch), []
     predict = model.predict
-    monkeypatch.setattr(model, "predict", lambda rope, *a: queried.append(rope.cos.shape[:2]) or predict(rope, *a))
+    monkeypatch.setattr(model, "predict", lambda rope, *a: queried.append(rope.turns.shape[:2]) or predict(rope, *a))
     out = sample.inpaint(model, tokens, keep, [0, 1, 2], steps=3, cfg=None,
                          generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[keep], tokens[keep])

@@ -81,7 +81,7 @@ def test_static_editing_keeps_context_and_matches_dynamic(model):
 def test_static_steps_use_few_shapes(model, monkeypatch):
     shapes = set()
     predict = model.predict
-    monkeypatch.setattr(model, "predict", lambda rope, cache, **kw: shapes.add(rope.cos.shape) or predict(rope, cache, **kw))
+    monkeypatch.setattr(model, "predict", lambda rope, cache, **kw: shapes.add(rope.turns.shape) or predict(rope, cache, **kw))
     plan = make_plan("random", 2, GRID, GRID, 7, "arccos", torch.Generator().manual_seed(0))
     decode_grid(model, torch.tensor([0, 2]), plan, TokenSampler(torch.rand(2, T)), SamplingOptions(cfg=3.0, static=True))
     # every step's queries are padded to a power of two: at most log2(T) + 1 distinct shapes

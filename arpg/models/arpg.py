@@ -34,7 +34,8 @@ from arpg.condition import ClassCondition
 from arpg.errors import require
 from arpg.orders import DecodeRules
 from arpg.models.layers import (FeedForward, RMSNorm, Rotation, attention, merge_heads, raster_rope, rms_norm,
-                                rotate, rotation, swiglu, swiglu_hidden_dim, write_cache, write_cache_at)
+                                rotate, rotation, split_heads, swiglu, swiglu_hidden_dim, write_cache,
+                                write_cache_at)
 
 CLS_ROPE_CHOICES = ("zeros", "identity")
 
@@ -224,7 +225,7 @@ class CrossDecoder(_Block):
         (B, H, S, D) -> (B, T, dim). The first block gets the one mask embedding (1, 1, dim): its
         query projection runs once and the rotation spreads it over the targets."""
         w = self.weights() if weights is None else weights
-        q = F.linear(rms_norm(x, w.attn_norm, self.eps), w.qkv).unflatten(-1, (self.n_head, -1))  # (B|1, T|1, H, D)
+        q = split_heads(F.linear(rms_norm(x, w.attn_norm, self.eps), w.qkv), self.n_head)  # (B|1, T|1, H, D)
         q = rotate(q, target_rope).to(q.dtype).transpose(1, 2)  # (B, H, T, D)
         return self._attend_then_mlp(x, q, shared_k, shared_v, is_causal, attn_mask, w)
 
@@ -410,7 +411,7 @@ class ARPG(nn.Module):
         `weights` default to the parameters'."""
         rope = _as_rotation(target_rope)
         batch = shared_k.shape[0]
-        rope = Rotation(rope.cos.expand(batch, -1, -1), rope.sin.expand(batch, -1, -1))
+        rope = Rotation(rope.turns.expand(batch, -1, -1))
         # Every query starts as the mask embedding: the first block projects it once.
         queries = self.embeddings.weight[self.config.mask_token_id].view(1, 1, -1)
         blocks = weights.cross_blocks if weights is not None else (None,) * len(self.layers.cross_dec)
@@ -653,7 +654,7 @@ class ARPGDecoder:
             self.visible = _visibility(groups, causal_within_step, device)  # (L, L)
             self.length = prefilled
             return
-        self.targets = rotation(target_rope)  # (rows, N, D) each, sliced per step
+        self.targets = rotation(target_rope)  # (rows, N, D/2), sliced per step
         self.graphs = static and compile and device.type == "cuda"
         if static:
             pad = query_bucket(max(tokens_per_step))
@@ -675,7 +676,7 @@ class ARPGDecoder:
     def _static_plan(self, prefilled: int, pad: int, device: torch.device) -> list[_StaticStep]:
         """The padded inputs of every step, made once: rotations padded with zero rows, the cache
         positions each step writes and the masks of what its fed tokens and its queries see."""
-        targets = Rotation(*(F.pad(t, (0, 0, 0, pad)) for t in self.targets))  # (rows, N + pad, D)
+        targets = Rotation(F.pad(self.targets.turns, (0, 0, 0, pad)))  # (rows, N + pad, D/2)
         keys = torch.arange(self.cache.max_len, device=device)  # (S,)
         steps, written = [], prefilled
         for step, m in enumerate(self.tokens_per_step):

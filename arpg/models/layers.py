@@ -37,7 +37,8 @@ class RMSNorm(nn.Module):
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / rms(x) * weight over the last dim, normalised in float32 (for stability under bf16, as
     the published models do), cast back to x's dtype, then scaled."""
-    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * weight
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))).type_as(x) * weight
 
 
 class FeedForward(nn.Module):
@@ -84,30 +85,30 @@ def raster_rope(positions: Tensor, grid_width: int, head_dim: int, base: float =
 
 
 class Rotation(NamedTuple):
-    """A RoPE table (B, T, D/2, 2) unrolled for `rotate`, which then needs three kernels: the
-    pair (a, b) -> (a cos - b sin, b cos + a sin) is x * cos + (b, a) * (-sin, sin) per channel.
-    Build it once per decode (`rotation`) and slice it per step (`Rotation.slice`)."""
+    """A RoPE table (B, T, D/2, 2) as one unit complex number cos + i sin per channel pair, so
+    that rotating the pair (a, b) to (a cos - b sin, b cos + a sin) is the complex product
+    (a + ib)(cos + i sin): one kernel instead of six. Build it once per decode (`rotation`) and
+    slice it per step (`Rotation.slice`)."""
 
-    cos: Tensor  # (B, T, D): cos of each channel's pair
-    sin: Tensor  # (B, T, D): -sin on the pair's first channel, +sin on its second
+    turns: Tensor  # (B, T, D/2) complex
 
     def slice(self, start: int, end: int) -> Rotation:
         """Positions [start, end) of the table."""
-        return Rotation(self.cos[:, start:end], self.sin[:, start:end])
+        return Rotation(self.turns[:, start:end])
 
 
 def rotation(rope: Tensor) -> Rotation:
     """The `Rotation` of a RoPE table (B, T, D/2, 2) (cos, sin)."""
-    cos, sin = rope.float().unbind(-1)
-    return Rotation(cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2))
+    return Rotation(torch.view_as_complex(rope.float().contiguous()))
 
 
 def rotate(x: Tensor, rot: Rotation) -> Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x (B|1, T|1, ..., D) by `rot` (B, T, D) in
-    float32 (the published precision) -> (B, T, ..., D) float32."""
-    shape = rot.cos.shape[:2] + (1,) * (x.ndim - 3) + rot.cos.shape[-1:]
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) per pair
-    return torch.addcmul(x * rot.cos.view(shape), swapped, rot.sin.view(shape))  # float32 by type promotion
+    """Rotate adjacent channel pairs (2i, 2i+1) of x (B|1, T|1, ..., D) by `rot` (B, T, D/2), in
+    float32 at least (the published precision) -> (B, T, ..., D) float32 (float64 for float64 x)."""
+    turns = rot.turns
+    shape = turns.shape[:2] + (1,) * (x.ndim - 3) + turns.shape[-1:]
+    pairs = torch.view_as_complex(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * turns.view(shape)).flatten(-2)
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
@@ -148,7 +149,7 @@ def write_cache_at(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, index
 
 # On the CPU, PyTorch's flash attention costs about twice what three plain kernels (q k^T,
 # softmax, p v) cost when there are only a few queries per head, as in a decode step.
-FEW_QUERIES = 8
+FEW_QUERIES = 4
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, attn_mask: Optional[Tensor] = None,

@@ -11,6 +11,9 @@ How one decode runs (`decode`):
 * The model's step engine (`model.decoder(...)`, e.g. `arpg.models.arpg.ARPGDecoder`) owns the
   forward passes over a KV cache allocated once: called with the tokens chosen at the previous
   step, it returns the logits of this step's positions.
+* bf16 (autocast, a bf16 cache and bf16 decode weights) runs where `SamplingOptions.amp` says:
+  by default on CUDA and on CPUs with native bf16 (`arpg.runtime.fast_bf16`), on any device if
+  forced, never with amp=False.
 * Classifier-free guidance runs the conditional and the unconditional rows as one doubled batch
   and mixes their logits as uncond + scale * (cond - uncond).
 * The tokens are chosen by a `TokenSampler` (arpg.sample.draw) with uniforms drawn once per call:
@@ -98,6 +101,8 @@ def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, 
         tokens_per_step: how many slots each step predicts.
         choose: picks the tokens of each step from the guided logits (see `Choose`).
         scales: guidance scale per step (`cfg_scales`), or None for no guidance.
+        options: its `amp` decides bf16 (autocast, bf16 cache and decode weights) on any device
+            (`arpg.runtime.use_bf16`: by default where bf16 matmuls are fast).
     """
     B, N, device = conditions.shape[0], sum(tokens_per_step), conditions.device
     guided = scales is not None
