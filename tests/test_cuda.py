@@ -28,22 +28,18 @@ def model():
     return model.cuda().eval()
 
 
-class _Recorder:
-    def __init__(self, choose):
-        self.choose, self.logits = choose, []
-
-    def __call__(self, slots, logits):
-        self.logits.append(logits.clone())
-        return self.choose(slots, logits)
+def _fixed_tokens(fixed):
+    """A `choose` feeding `fixed` (B, N) whatever the logits say; returns it and the logits list it fills."""
+    seen = []
+    return (lambda slots, logits: seen.append(logits.clone()) or fixed[:, slots]), seen
 
 
 def _teacher_forced(model, options, steps=6):
     """Logits of every step, feeding the same fixed tokens whatever the logits say."""
     plan = make_plan("random", 3, GRID, GRID, steps, "arccos", torch.Generator("cuda").manual_seed(0), "cuda")
-    fixed = torch.randint(0, 64, (3, T), generator=torch.Generator().manual_seed(1)).cuda()
-    recorder = _Recorder(lambda slots, logits: fixed[:, slots])
-    decode_grid(model, torch.tensor([0, 1, 3], device="cuda"), plan, recorder, options)
-    return recorder.logits
+    choose, logits = _fixed_tokens(torch.randint(0, 64, (3, T), generator=torch.Generator().manual_seed(1)).cuda())
+    decode_grid(model, torch.tensor([0, 1, 3], device="cuda"), plan, choose, options)
+    return logits
 
 
 def test_cached_logits_equal_recomputation_on_cuda(model):
@@ -58,12 +54,11 @@ def test_bf16_decode_matches_float32_on_cuda(golden_model, arpg_golden):
     model = golden_model.cuda()
     B = arpg_golden["labels"].shape[0]
     plan = DecodePlan(arpg_golden["gen_order"].expand(B, -1).cuda(), tuple(arpg_golden["num_pred_per_step"]))
-    fixed = arpg_golden["gen_fixed_tokens"].cuda()
     runs = []
     for amp in (False, True):
-        recorder = _Recorder(lambda slots, logits: fixed[:, slots])
-        decode_grid(model, arpg_golden["labels"].cuda(), plan, recorder, SamplingOptions(cfg=None, amp=amp))
-        runs.append(recorder.logits)
+        choose, logits = _fixed_tokens(arpg_golden["gen_fixed_tokens"].cuda())
+        decode_grid(model, arpg_golden["labels"].cuda(), plan, choose, SamplingOptions(cfg=None, amp=amp))
+        runs.append(logits)
     for exact, bf16 in zip(*runs):
         assert (exact - bf16).abs().max() <= 0.03 * exact.abs().max()
 

@@ -27,7 +27,6 @@ if it were nothing but those matmuls at that speed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import threading
@@ -282,44 +281,49 @@ def _ceiling(config: BenchSampleConfig, model: torch.nn.Module, name: str, devic
     return rows
 
 
-def _training_rows(config: BenchSampleConfig, name: str, device: torch.device, peak: Optional[float]) -> list[dict]:
-    """Tokens/s and MFU of AdamW training steps (batch `train_batch`, random tokens and orders)."""
-    rows = []
+def _training_row(config: BenchSampleConfig, name: str, precision: str, device: torch.device,
+                  peak: Optional[float]) -> dict:
+    """Tokens/s and MFU of AdamW training steps (batch `train_batch`, random tokens and orders;
+    bf16: autocast over float32 weights). On the CPU without `peak`, MFU is against the measured
+    matmul throughput at the training shapes."""
     T = config.grid ** 2
-    for precision in config.precisions:
-        model = _model(config, name, device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda"
-                                                                       else {"foreach": True}))
-        g = torch.Generator(device).manual_seed(config.seed)
-        tokens = torch.randint(0, config.vocab_size, (config.train_batch, T), device=device, generator=g)
-        labels = torch.randint(0, config.num_classes, (config.train_batch,), device=device, generator=g)
-        order = torch.rand(config.train_batch, T, device=device, generator=g).argsort(dim=1)
+    bf16 = PRECISIONS[precision]
+    model = _model(config, name, device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4,
+                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    g = torch.Generator(device).manual_seed(config.seed)
+    tokens = torch.randint(0, config.vocab_size, (config.train_batch, T), device=device, generator=g)
+    labels = torch.randint(0, config.num_classes, (config.train_batch,), device=device, generator=g)
+    order = torch.rand(config.train_batch, T, device=device, generator=g).argsort(dim=1)
 
-        def steps(n: int) -> None:
-            for _ in range(n):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=PRECISIONS[precision]):
-                    _, loss = model(tokens, labels, order, check=False)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    def steps(n: int) -> None:
+        for _ in range(n):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                _, loss = model(tokens, labels, order, check=False)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        steps(2)
-        seconds, peak_mib = timed(lambda: steps(config.train_steps), device)
-        tokens_per_s = config.train_steps * config.train_batch * T / seconds
-        achieved = tokens_per_s * train_flops_per_token(model) / 1e12
-        if peak is None and device.type == "cpu":
-            c = model.config
-            M = config.train_batch * T
-            dtype = torch.bfloat16 if PRECISIONS[precision] else torch.float32
-            peak = matmul_tflops([(M, c.dim, 3 * c.dim), (M, c.dim, c.ffn_hidden_dim), (M, c.ffn_hidden_dim, c.dim)],
-                                 dtype, device, config.matmul_seconds)
-        rows.append(dict(model=name, precision=precision, batch=config.train_batch, tokens_per_s=tokens_per_s,
-                         achieved_tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None,
-                         peak_mib=peak_mib))
-        print(f"  {name} {precision} training: {tokens_per_s:,.0f} tokens/s, {achieved:.3f} TFLOP/s"
-              + (f", MFU {achieved / peak:.1%}" if peak else ""), flush=True)
-        del model, optimizer
-    return rows
+    steps(2)
+    seconds, peak_mib = timed(lambda: steps(config.train_steps), device)
+    tokens_per_s = config.train_steps * config.train_batch * T / seconds
+    achieved = tokens_per_s * train_flops_per_token(model) / 1e12
+    if peak is None and device.type == "cpu":
+        c, M = model.config, config.train_batch * T
+        peak = matmul_tflops([(M, c.dim, 3 * c.dim), (M, c.dim, c.ffn_hidden_dim), (M, c.ffn_hidden_dim, c.dim)],
+                             torch.bfloat16 if bf16 else torch.float32, device, config.matmul_seconds)
+    print(f"  {name} {precision} training: {tokens_per_s:,.0f} tokens/s, {achieved:.3f} TFLOP/s"
+          + (f", MFU {achieved / peak:.1%}" if peak else ""), flush=True)
+    return dict(model=name, precision=precision, batch=config.train_batch, tokens_per_s=tokens_per_s,
+                achieved_tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None, peak_mib=peak_mib)
+
+
+def _release(device: torch.device) -> None:
+    """Free what one model's rows left behind (compiled code, CUDA graph pools, cached blocks), so
+    the next model's peak memory is its own."""
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _gpu_peak(device: torch.device) -> Optional[float]:
@@ -338,7 +342,7 @@ def bench_sample(config: BenchSampleConfig) -> dict:
                        load_average=list(os.getloadavg()), fast_bf16=fast_bf16(device.type),
                        device=torch.cuda.get_device_name(device) if device.type == "cuda"
                        else f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})")
-    sampling, ceiling, training = [], [], []
+    sampling, ceiling = [], []
     # Inductor's CPU kernels show in the profiler (for the operation count) only if built so.
     from torch._inductor import config as inductor_config
 
@@ -348,9 +352,13 @@ def bench_sample(config: BenchSampleConfig) -> dict:
             ceiling += _ceiling(config, model, name, device)
             sampling += _sampling_rows(config, model, name, device)
             del model
+            _release(device)
     peak = config.peak_tflops or _gpu_peak(device)
+    training = []
     for name in config.train_models:
-        training += _training_rows(config, name, device, peak)
+        for precision in config.precisions:
+            training.append(_training_row(config, name, precision, device, peak))
+            _release(device)
     environment["load_average_end"] = list(os.getloadavg())
     report = dict(config=asdict(config), environment=environment, sampling=sampling, ceiling=ceiling,
                   training=training)
