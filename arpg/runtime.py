@@ -1,7 +1,9 @@
-"""Where and how work runs: device names, loader workers, and seeds derived from tuples of ints."""
+"""Where and how work runs: device names, loader workers, bf16 and CPU thread policies, and seeds
+derived from tuples of ints."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -51,3 +53,44 @@ def worker_count(requested: Optional[int], what: str = "num_workers") -> int:
         log.info("%s=%d lowered to %d, the cores available here", what, requested, cores)
         return cores
     return requested
+
+
+@functools.cache
+def fast_bf16(device_type: str) -> bool:
+    """Whether bfloat16 matmuls beat float32 on this machine's `device_type` ("cuda" or "cpu"):
+    a CUDA GPU that supports bf16, or a CPU with AVX512-BF16 or AMX instructions. (A CPU without
+    them converts bf16 to float32 around every multiply: on an AVX2 processor bf16 matmuls ran
+    30 to 50 times slower than float32.) The answer is logged once per device type."""
+    if device_type == "cuda":
+        fast, why = torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "CUDA bf16 support"
+    elif device_type == "cpu":
+        avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        fast = avx512_bf16 or amx
+        why = f"CPU {torch.backends.cpu.get_cpu_capability()}, AVX512-BF16 {avx512_bf16}, AMX {amx}"
+    else:
+        fast, why = False, "not a CUDA or CPU device"
+    log.info("bf16 on %s: %s (%s); amp=false / runtime.mixed_precision=no switch it off", device_type,
+             "fast, used where the setting is auto" if fast else "slow, auto settings stay float32", why)
+    return fast
+
+
+def use_bf16(setting: Optional[bool], device: torch.device) -> bool:
+    """Resolve a bf16 setting for `device`: None (auto) means `fast_bf16`; True or False forces it."""
+    return fast_bf16(device.type) if setting is None else setting
+
+
+def set_cpu_threads(threads: int) -> int:
+    """Set torch's CPU intra-op threads and return the number in use.
+
+    threads >= 1 sets it; 0 keeps the current setting (torch's default: one per core, unless
+    OMP_NUM_THREADS says otherwise). Small models gain little from a second thread, and several
+    OpenMP threads that share their cores with another busy process spin against each other
+    (the digits training fell from about 37 to 1-3 steps/s that way); one thread per process
+    is the robust choice for them.
+    """
+    require(isinstance(threads, int) and threads >= 0, f"threads must be an int >= 0 (0: torch's default), got {threads!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+

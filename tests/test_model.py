@@ -3,7 +3,7 @@ import torch
 
 from arpg.models import MODEL_SIZES, create_model
 from arpg.models.arpg import ARPGConfig
-from arpg.models.layers import rope_2d
+from arpg.models.layers import apply_rope, rope_2d
 
 
 def _in_order(logits, order):
@@ -41,6 +41,19 @@ def test_eval_mode_stays_causal(golden_model, arpg_golden):
 def test_rope_table_matches_reference(golden_model, arpg_golden):
     table = torch.cat([golden_model.class_rope(1)[0], golden_model.position_rope(torch.arange(16))])
     assert torch.equal(table, arpg_golden["freqs_cis"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_rotates_each_channel_pair(dtype):
+    # The shared rotation (a complex product) against the reference's pairwise formula, in float32.
+    g = torch.Generator().manual_seed(0)
+    x, rope = torch.randn(2, 5, 3, 8, generator=g).to(dtype), torch.randn(2, 5, 4, 2, generator=g)
+    a, b = x.float()[..., 0::2], x.float()[..., 1::2]
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
+    expected = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(dtype)
+    out = apply_rope(x, rope)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
 
 
 def test_identity_class_rope_rotates_nothing():

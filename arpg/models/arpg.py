@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -33,8 +33,9 @@ from arpg.condition import ClassCondition
 from arpg.errors import require
 from arpg.models.base import GridGenerator, TransformerConfig
 from arpg.orders import DecodeRules, random_order
-from arpg.models.layers import (FeedForward, RMSNorm, apply_rope, attention, block_causal_mask, merge_heads,
-                                published_init_, raster_rope, split_heads, write_cache)
+from arpg.models.layers import (FeedForward, RMSNorm, Rotation, attention, block_causal_mask, merge_heads,
+                                published_init_, raster_rope, rms_norm, rotate, rotation, split_heads, swiglu,
+                                write_cache, write_cache_at)
 
 CLS_ROPE_CHOICES = ("zeros", "identity")
 
@@ -81,80 +82,113 @@ class ARPGConfig(TransformerConfig):
 # Blocks (the shared math is in arpg.models.layers; the names here are the published ones)
 # ---------------------------------------------------------------------------------------------
 
-class _AttentionOutput(nn.Module):
-    """Scaled dot-product attention followed by the output projection (shared by both halves)."""
+class BlockWeights(NamedTuple):
+    """One block's weights in the form its math uses. A training forward builds them from the
+    parameters on every call (the concatenations are differentiable); a decode builds them once
+    (`ARPG.decode_weights`), in the dtype it computes in."""
+
+    attn_norm: Tensor  # (dim,)
+    qkv: Tensor  # self blocks: [to_q; to_k; to_v] (3 dim, dim); cross blocks: to_q (dim, dim)
+    proj: Tensor  # (dim, dim)
+    ffn_norm: Tensor  # (dim,)
+    w1: Tensor  # SwiGLU (hidden, dim)
+    w3: Tensor  # (hidden, dim)
+    w2: Tensor  # (dim, hidden)
+
+
+class SelfAttention(nn.Module):
+    """The attention parameters of a self-decoder block (published names; the math is `SelfDecoder`'s)."""
 
     def __init__(self, config: ARPGConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.attn_dropout_p = config.attn_dropout_p
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
         self.proj_drop = nn.Dropout(config.resid_dropout_p)
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, attn_mask: Optional[Tensor]) -> Tensor:
-        # q (B, H, Tq, D), k/v (B, H, Tk, D)
-        out = attention(q, k, v, is_causal, attn_mask, self.attn_dropout_p if self.training else 0.0)
-        return self.proj_drop(self.proj(merge_heads(out)))
-
-
-class SelfAttention(_AttentionOutput):
-    def __init__(self, config: ARPGConfig):
-        super().__init__(config)
         self.to_q = nn.Linear(config.dim, config.dim, bias=False)
         self.to_k = nn.Linear(config.dim, config.dim, bias=False)
         self.to_v = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, is_causal: bool = True, attn_mask: Optional[Tensor] = None,
-                cache: Optional[tuple[Tensor, Tensor, int]] = None) -> Tensor:
-        """x (B, T, dim), rope (B|1, T, D/2, 2). With `cache` = (k_cache, v_cache, start), the new keys
-        and values are written at [start, start + T) of the preallocated (B, H, S, D) buffers and
-        the queries attend to everything written so far."""
-        q = apply_rope(split_heads(self.to_q(x), self.n_head), rope).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(split_heads(self.to_k(x), self.n_head), rope).transpose(1, 2)
-        v = split_heads(self.to_v(x), self.n_head).transpose(1, 2)
-        if cache is not None:
-            k, v = write_cache(k, v, *cache)
-        return self._attend(q, k, v, is_causal, attn_mask)
+    def qkv_weight(self) -> Tensor:
+        return torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
 
 
-class CrossAttention(_AttentionOutput):
-    """Target queries attend to the shared K/V; only the query projection is owned per block."""
+class CrossAttention(nn.Module):
+    """The attention parameters of a cross-decoder block: target queries attend to the shared K/V,
+    so only the query projection is owned per block."""
 
     def __init__(self, config: ARPGConfig):
-        super().__init__(config)
+        super().__init__()
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.proj_drop = nn.Dropout(config.resid_dropout_p)
         self.to_q = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, shared_k: Tensor, shared_v: Tensor, target_rope: Tensor,
-                is_causal: bool = True) -> Tensor:
-        q = apply_rope(split_heads(self.to_q(x), self.n_head), target_rope).transpose(1, 2)
-        return self._attend(q, shared_k, shared_v, is_causal, None)
+    def qkv_weight(self) -> Tensor:
+        return self.to_q.weight
 
 
-class SelfDecoder(nn.Module):
-    def __init__(self, config: ARPGConfig):
+class _Block(nn.Module):
+    """Pre-norm attention, then a pre-norm SwiGLU, each added to the stream (both halves)."""
+
+    def __init__(self, config: ARPGConfig, attn: nn.Module):
         super().__init__()
-        self.attn = SelfAttention(config)
+        self.attn = attn
         self.ffn = FeedForward(config.dim, config.ffn_hidden_dim, config.ffn_dropout_p)
         self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.n_head, self.eps, self.attn_dropout_p = config.n_head, config.norm_eps, config.attn_dropout_p
 
-    def forward(self, x: Tensor, rope: Tensor, **attn_kwargs) -> Tensor:
-        h = x + self.attn(self.attn_norm(x), rope, **attn_kwargs)
-        return h + self.ffn(self.ffn_norm(h))
+    def weights(self) -> BlockWeights:
+        """This block's parameters as `BlockWeights` (differentiable)."""
+        ffn = self.ffn
+        return BlockWeights(self.attn_norm.weight, self.attn.qkv_weight(), self.attn.proj.weight,
+                            self.ffn_norm.weight, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight)
+
+    def _attend_then_mlp(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
+                         attn_mask: Optional[Tensor], w: BlockWeights) -> Tensor:
+        # q (B, H, Tq, D), k/v (B, H, Tk, D); x (B|1, Tq|1, dim) broadcasts to (B, Tq, dim)
+        out = attention(q, k, v, is_causal, attn_mask, self.attn_dropout_p if self.training else 0.0)
+        x = x + self.attn.proj_drop(F.linear(merge_heads(out), w.proj))
+        return x + self.ffn.ffn_dropout(swiglu(rms_norm(x, w.ffn_norm, self.eps), w.w1, w.w3, w.w2))
 
 
-class CrossDecoder(nn.Module):
+class SelfDecoder(_Block):
     def __init__(self, config: ARPGConfig):
-        super().__init__()
-        self.attn = CrossAttention(config)
-        self.ffn = FeedForward(config.dim, config.ffn_hidden_dim, config.ffn_dropout_p)
-        self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        super().__init__(config, SelfAttention(config))
 
-    def forward(self, x: Tensor, shared_k: Tensor, shared_v: Tensor, target_rope: Tensor,
-                is_causal: bool = True) -> Tensor:
-        h = x + self.attn(self.attn_norm(x), shared_k, shared_v, target_rope, is_causal)
-        return h + self.ffn(self.ffn_norm(h))
+    def forward(self, x: Tensor, rope: Rotation, is_causal: bool = True, attn_mask: Optional[Tensor] = None,
+                cache: Optional[tuple[Tensor, Tensor, int | Tensor]] = None,
+                weights: Optional[BlockWeights] = None) -> Tensor:
+        """x (B, T, dim), each token rotated by `rope` (B, T, D) -> (B, T, dim).
+
+        With `cache` = (k_cache, v_cache, where) the new keys and values go into the preallocated
+        (B, H, S, D) buffers: `where` an int start writes [start, start + T) and the queries attend
+        to the filled prefix; `where` a device tensor of T positions writes there and the queries
+        attend to the whole cache under `attn_mask` (static shapes). `weights` default to the
+        parameters'."""
+        w = self.weights() if weights is None else weights
+        qkv = F.linear(rms_norm(x, w.attn_norm, self.eps), w.qkv).unflatten(-1, (3, self.n_head, -1))  # (B, T, 3, H, D)
+        q, k = rotate(qkv[:, :, :2], rope).to(qkv.dtype).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        v = qkv[:, :, 2].transpose(1, 2)
+        if cache is not None:
+            k_cache, v_cache, where = cache
+            write = write_cache if isinstance(where, int) else write_cache_at
+            k, v = write(k, v, k_cache, v_cache, where)
+        return self._attend_then_mlp(x, q, k, v, is_causal, attn_mask, w)
+
+
+class CrossDecoder(_Block):
+    def __init__(self, config: ARPGConfig):
+        super().__init__(config, CrossAttention(config))
+
+    def forward(self, x: Tensor, shared_k: Tensor, shared_v: Tensor, target_rope: Rotation,
+                is_causal: bool = True, attn_mask: Optional[Tensor] = None,
+                weights: Optional[BlockWeights] = None) -> Tensor:
+        """Target queries x (B|1, T|1, dim), rotated by `target_rope` (B, T, D), read the shared K/V
+        (B, H, S, D) -> (B, T, dim). The first block gets the one mask embedding (1, 1, dim): its
+        query projection runs once and the rotation spreads it over the targets."""
+        w = self.weights() if weights is None else weights
+        q = split_heads(F.linear(rms_norm(x, w.attn_norm, self.eps), w.qkv), self.n_head)  # (B|1, T|1, H, D)
+        q = rotate(q, target_rope).to(q.dtype).transpose(1, 2)  # (B, H, T, D)
+        return self._attend_then_mlp(x, q, shared_k, shared_v, is_causal, attn_mask, w)
 
 
 class GuidedDecoder(nn.Module):
@@ -162,20 +196,36 @@ class GuidedDecoder(nn.Module):
 
     def __init__(self, config: ARPGConfig):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.eps = config.n_head, config.norm_eps
         self.self_dec = nn.ModuleList(SelfDecoder(config) for _ in range(config.n_layer // 2))
         self.cross_dec = nn.ModuleList(CrossDecoder(config) for _ in range(config.n_layer // 2))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.to_k = nn.Linear(config.dim, config.dim, bias=False)
         self.to_v = nn.Linear(config.dim, config.dim, bias=False)
 
-    def shared_kv(self, content: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+    def kv_weights(self) -> tuple[Tensor, Tensor]:
+        """(norm weight, [to_k; to_v] (2 dim, dim)) of the shared K/V projection (differentiable)."""
+        return self.norm.weight, torch.cat([self.to_k.weight, self.to_v.weight])
+
+    def shared_kv(self, content: Tensor, rope: Rotation,
+                  weights: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
         """Project the self-decoder output (B, T, dim) to the one K/V set all cross blocks read.
         K carries the content tokens' own positions. Returns (B, H, T, D) each."""
-        x = self.norm(content)
-        k = apply_rope(split_heads(self.to_k(x), self.n_head), rope).transpose(1, 2)
-        v = split_heads(self.to_v(x), self.n_head).transpose(1, 2)
-        return k, v
+        norm_weight, kv_weight = self.kv_weights() if weights is None else weights
+        kv = F.linear(rms_norm(content, norm_weight, self.eps), kv_weight).unflatten(-1, (2, self.n_head, -1))
+        k = rotate(kv[:, :, 0], rope).to(kv.dtype).transpose(1, 2)
+        return k, kv[:, :, 1].transpose(1, 2)
+
+
+class DecodeWeights(NamedTuple):
+    """Every weight a cached decode step multiplies by, prepared once per decode
+    (`ARPG.decode_weights`): fused projections, matrices in the dtype the decode computes in."""
+
+    self_blocks: tuple[BlockWeights, ...]
+    cross_blocks: tuple[BlockWeights, ...]
+    shared_kv: tuple[Tensor, Tensor]  # (norm weight, [to_k; to_v])
+    norm: Tensor  # (dim,) the final norm's weight
+    head: Tensor  # (vocab_size, dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,21 +233,33 @@ class GuidedDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Preallocated keys/values for one sampling call, written in place as content is fed.
+    """Preallocated keys/values for one sampling call, written in place as content is fed, and the
+    `DecodeWeights` the steps multiply by (in the cache's dtype).
 
     Holds per self-decoder layer K/V and the one shared K/V, each (B, H, max_len, D) where
     max_len = class token + all image tokens; `length` is how many content positions are filled.
     """
 
     def __init__(self, config: ARPGConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, weights: DecodeWeights):
         shape = (config.n_layer // 2, batch, config.n_head, max_len, config.head_dim)
         self.self_k = torch.zeros(shape, dtype=dtype, device=device)
         self.self_v = torch.zeros(shape, dtype=dtype, device=device)
         self.shared_k = torch.zeros(shape[1:], dtype=dtype, device=device)
         self.shared_v = torch.zeros(shape[1:], dtype=dtype, device=device)
+        self.weights = weights
         self.max_len = max_len
         self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the decode steps read or write in place (for `torch._dynamo.mark_static_address`)."""
+        return [self.self_k, self.self_v, self.shared_k, self.shared_v, *_leaves(self.weights)]
+
+
+def _leaves(tree) -> list[Tensor]:
+    if isinstance(tree, Tensor):
+        return [tree]
+    return [leaf for item in tree for leaf in _leaves(item)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +310,7 @@ class ARPG(GridGenerator):
     # -- training forward -----------------------------------------------------------------------
 
     def forward(self, tokens: Tensor, labels: Tensor, order: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+                generator: Optional[torch.Generator] = None, check: bool = True) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass over a random (or given) order.
 
         Args:
@@ -257,10 +319,13 @@ class ARPG(GridGenerator):
             order: (B, T) per-sample permutations of raster positions, `order[b, k]` being the
                 position predicted k-th; a fresh random permutation per sample when None.
             generator: RNG for the random order and class dropout (training only).
+            check: validate the values of tokens, labels and order (`check_inputs`: host syncs on
+                a GPU); shapes and dtypes are always checked. The training loop, which checks its
+                batches on the CPU and makes its own orders, turns it off.
         Returns:
             logits (B, T, vocab_size) float32 in raster order, and the mean cross-entropy.
         """
-        B, T = self._check_inputs(tokens, labels, order)
+        B, T = self.check_inputs(tokens, labels, order, values=check)
         device = tokens.device
         if order is None:
             order = random_order(B, T, generator, device)
@@ -280,75 +345,114 @@ class ARPG(GridGenerator):
             1, order[..., None].expand_as(logits_in_order), logits_in_order)
         return logits, loss
 
-    def content_kv(self, content_ids: Tensor, content_rope: Tensor, is_causal: bool = True,
+    def content_kv(self, content_ids: Tensor, content_rope: Tensor | Rotation, is_causal: bool = True,
                    attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """The self half over a whole content sequence (B, L) -> the shared K/V, (B, H, L, D) each."""
+        rope = _as_rotation(content_rope)
         content = self.embed_drop(self.embeddings(content_ids))
         for block in self.layers.self_dec:
-            content = block(content, content_rope, is_causal=is_causal, attn_mask=attn_mask)
-        return self.layers.shared_kv(content, content_rope)
+            content = block(content, rope, is_causal=is_causal, attn_mask=attn_mask)
+        return self.layers.shared_kv(content, rope)
 
-    def target_logits(self, shared_k: Tensor, shared_v: Tensor, target_rope: Tensor, is_causal: bool) -> Tensor:
-        """The guided half: one content-free target query per row of `target_rope` (B, n, D/2, 2)
-        reads the shared K/V -> float32 logits (B, n, vocab_size)."""
-        batch, num_queries = shared_k.shape[0], target_rope.shape[1]
-        mask_embedding = self.embeddings.weight[self.config.mask_token_id]
-        target_queries = mask_embedding.expand(batch, num_queries, -1)
-        target_rope = target_rope.expand(batch, -1, -1, -1)
-        for block in self.layers.cross_dec:
-            target_queries = block(target_queries, shared_k, shared_v, target_rope, is_causal)
-        return self.head(self.norm(target_queries)).float()
+    def target_logits(self, shared_k: Tensor, shared_v: Tensor, target_rope: Tensor | Rotation, is_causal: bool,
+                      attn_mask: Optional[Tensor] = None, weights: Optional[DecodeWeights] = None) -> Tensor:
+        """The guided half: one content-free target query per position of `target_rope`
+        (B|1, n, D/2, 2) (or its `Rotation`) reads the shared K/V -> float32 logits (B, n, vocab_size).
+        `weights` default to the parameters'."""
+        rope = _as_rotation(target_rope)
+        batch = shared_k.shape[0]
+        rope = Rotation(rope.turns.expand(batch, -1, -1))
+        # Every query starts as the mask embedding: the first block projects it once.
+        queries = self.embeddings.weight[self.config.mask_token_id].view(1, 1, -1)
+        blocks = weights.cross_blocks if weights is not None else (None,) * len(self.layers.cross_dec)
+        for block, block_weights in zip(self.layers.cross_dec, blocks):
+            queries = block(queries, shared_k, shared_v, rope, is_causal, attn_mask, weights=block_weights)
+        norm, head = (self.norm.weight, self.head.weight) if weights is None else (weights.norm, weights.head)
+        return F.linear(rms_norm(queries, norm, self.config.norm_eps), head).float()
 
     @torch.compiler.disable
-    def _check_inputs(self, tokens: Tensor, labels: Tensor, order: Optional[Tensor]) -> tuple[int, int]:
-        B, T = self.check_inputs(tokens, labels)
+    def check_inputs(self, tokens: Tensor, labels: Tensor, order: Optional[Tensor] = None,
+                     values: bool = True) -> tuple[int, int]:
+        """`GridGenerator.check_inputs`, and an `order` (B, T) of integers; with `values`, every
+        order row must be a permutation."""
+        B, T = super().check_inputs(tokens, labels, values=values)
         if order is not None:
             require(order.shape == (B, T) and not order.dtype.is_floating_point,
                     f"order must be an integer tensor of shape ({B}, {T}), got {order.dtype} {tuple(order.shape)}")
-            expected = torch.arange(T, device=order.device).expand(B, T)
-            require(torch.equal(order.sort(dim=1).values, expected),
-                    f"order must hold a permutation of 0..{T - 1} in every row")
+            if values:
+                expected = torch.arange(T, device=order.device).expand(B, T)
+                require(torch.equal(order.sort(dim=1).values, expected),
+                        f"order must hold a permutation of 0..{T - 1} in every row")
         return B, T
 
     # -- cached, step-wise inference (driven by ARPGDecoder) ------------------------------------
 
+    @torch.no_grad()
+    def decode_weights(self, dtype: Optional[torch.dtype] = None) -> DecodeWeights:
+        """The weights of a cached decode, built from the parameters: q/k/v and k/v concatenated
+        (one matmul each), matrices cast to `dtype` (default: the parameters'), so a
+        step neither concatenates nor casts. The module tree and state dict are untouched."""
+        def cast(block: BlockWeights) -> BlockWeights:
+            return block._replace(qkv=block.qkv.to(dtype), proj=block.proj.to(dtype), w1=block.w1.to(dtype),
+                                  w3=block.w3.to(dtype), w2=block.w2.to(dtype))
+
+        dtype = dtype or self.head.weight.dtype
+        norm_weight, kv_weight = self.layers.kv_weights()
+        return DecodeWeights(tuple(cast(b.weights()) for b in self.layers.self_dec),
+                             tuple(cast(b.weights()) for b in self.layers.cross_dec),
+                             (norm_weight, kv_weight.to(dtype)), self.norm.weight, self.head.weight.to(dtype))
+
     def new_cache(self, batch: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> KVCache:
         """Preallocate a KV cache for `batch` sequences of up to `max_len` content positions
-        (default: class token + block_size)."""
+        (default: class token + block_size), with the decode weights in its dtype."""
         param = self.head.weight
         max_len = self.config.cls_token_num + self.config.block_size if max_len is None else max_len
-        return KVCache(self.config, batch, max_len, dtype or param.dtype, param.device)
+        dtype = dtype or param.dtype
+        return KVCache(self.config, batch, max_len, dtype, param.device, self.decode_weights(dtype))
 
-    def extend(self, ids: Tensor, rope: Tensor, cache: KVCache, causal: bool = False) -> None:
-        """Feed content ids (B, n) with their RoPE (B|1, n, D/2, 2) through the self-decoder half,
-        writing their per-layer K/V and shared K/V into `cache` in place.
+    def extend(self, ids: Tensor, rope: Tensor | Rotation, cache: KVCache, causal: bool = False, *,
+               positions: Optional[Tensor] = None, visible: Optional[Tensor] = None) -> None:
+        """Feed content ids (B, n) with their RoPE (B|1, n, D/2, 2) (or its `Rotation`) through the
+        self-decoder half, writing their per-layer K/V and shared K/V into `cache` in place.
 
         The new tokens see everything already cached; among themselves they attend block-wise
         (both directions, as the published sampler and the paper's few-step results) unless
         `causal` keeps the training-time causal mask.
-        """
-        start, n = cache.length, ids.shape[1]
-        end = start + n
-        require(end <= cache.max_len, f"cache holds {cache.max_len} positions; feeding {n} after {start} overflows it")
-        attn_mask = None
-        if causal and n > 1:
-            # new token i sees cache[:start] and new tokens 0..i
-            attn_mask = torch.ones(n, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
-        x = self.embeddings(ids)
-        for i, block in enumerate(self.layers.self_dec):
-            x = block(x, rope, is_causal=False, attn_mask=attn_mask,
-                      cache=(cache.self_k[i], cache.self_v[i], start))
-        k, v = self.layers.shared_kv(x, rope)
-        write_cache(k, v, cache.shared_k, cache.shared_v, start)
-        cache.length = end
 
-    def predict(self, target_rope: Tensor, cache: KVCache) -> Tensor:
-        """Logits (B, n, vocab_size) float32 for n target positions given by their RoPE (B|1, n, D/2, 2),
-        each query attending to all cached content. Queries never see one another, so a query's
-        logits do not depend on how many run in parallel."""
-        end = cache.length
-        return self.target_logits(cache.shared_k[:, :, :end], cache.shared_v[:, :, :end], target_rope,
-                                  is_causal=False)
+        Static shapes (`positions` (n,) and `visible` (n|1, S) given, device tensors): the tokens
+        are written at `positions` and attend to the whole cache where `visible`; `cache.length`
+        is neither read nor advanced, so the step's shapes depend on n alone.
+        """
+        rope = _as_rotation(rope)
+        if positions is None:
+            start, n = cache.length, ids.shape[1]
+            end = start + n
+            require(end <= cache.max_len, f"cache holds {cache.max_len} positions; feeding {n} after {start} overflows it")
+            where, visible = start, None
+            if causal and n > 1:
+                # new token i sees cache[:start] and new tokens 0..i
+                visible = torch.ones(n, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+            cache.length = end
+        else:
+            where = positions
+        weights = cache.weights
+        x = self.embeddings(ids)
+        for i, (block, block_weights) in enumerate(zip(self.layers.self_dec, weights.self_blocks)):
+            x = block(x, rope, is_causal=False, attn_mask=visible, cache=(cache.self_k[i], cache.self_v[i], where),
+                      weights=block_weights)
+        k, v = self.layers.shared_kv(x, rope, weights.shared_kv)
+        (write_cache if positions is None else write_cache_at)(k, v, cache.shared_k, cache.shared_v, where)
+
+    def predict(self, target_rope: Tensor | Rotation, cache: KVCache, *, visible: Optional[Tensor] = None) -> Tensor:
+        """Logits (B, n, vocab_size) float32 for n target positions given by their RoPE (B|1, n, D/2, 2)
+        (or its `Rotation`), each query attending to all cached content (static shapes: to the
+        whole cache where `visible` (1, S)). Queries never see one another, so a query's logits do
+        not depend on how many run in parallel."""
+        if visible is None:
+            k, v = cache.shared_k[:, :, :cache.length], cache.shared_v[:, :, :cache.length]
+        else:
+            k, v = cache.shared_k, cache.shared_v
+        return self.target_logits(k, v, target_rope, is_causal=False, attn_mask=visible, weights=cache.weights)
 
     def decoder(self, conditions: Tensor, order: Tensor, tokens_per_step: Sequence[int],
                 grid: tuple[int, int], **runtime) -> ARPGDecoder:
@@ -368,27 +472,82 @@ class ARPG(GridGenerator):
         return {"dim": dim, "n_layer": n_layer, "vocab_size": vocab_size, "num_classes": rows - vocab_size - 3}
 
 
+def _as_rotation(rope: Tensor | Rotation) -> Rotation:
+    return rope if isinstance(rope, Rotation) else rotation(rope)
+
 
 # ---------------------------------------------------------------------------------------------
 # The step engine of the sampler
 # ---------------------------------------------------------------------------------------------
 
-def _extend_and_predict(model: ARPG, cache: KVCache, ids: Optional[Tensor], rope: Optional[Tensor],
-                        target_rope: Tensor, causal: bool) -> Tensor:
-    """One cached step: feed ids (B, n) at their RoPE, then predict the targets -> (B, m, V)."""
+def _extend_and_predict(model: ARPG, cache: KVCache, ids: Optional[Tensor], rope: Optional[Rotation],
+                        target_rope: Rotation, causal: bool) -> Tensor:
+    """One cached step: feed ids (B, n) at their rotation, then predict the targets -> (B, m, V)."""
     if ids is not None:
         model.extend(ids, rope, cache, causal=causal)
     return model.predict(target_rope, cache)
 
 
+def _static_extend(model: ARPG, cache: KVCache, ids: Tensor, rope: Rotation, positions: Tensor,
+                   visible: Tensor) -> None:
+    model.extend(ids, rope, cache, positions=positions, visible=visible)
+
+
+def _static_predict(model: ARPG, cache: KVCache, target_rope: Rotation, visible: Tensor) -> Tensor:
+    return model.predict(target_rope, cache, visible=visible)
+
+
 @functools.cache
-def _compiled_extend_and_predict() -> Callable[..., Tensor]:
-    return torch.compile(_extend_and_predict, dynamic=True)
+def _compiled(fn: Callable, mode: Optional[str], dynamic: bool) -> Callable:
+    return torch.compile(fn, mode=mode, dynamic=dynamic)
+
+
+def _reusable_cache(model: ARPG, batch: int, max_len: int, dtype: Optional[torch.dtype]) -> KVCache:
+    """The cache of compiled static decodes: one per model and shape, kept on the model and reused
+    by every decode, because CUDA graphs capture its addresses (marked static for torch.compile).
+    Its decode weights are refreshed in place when the parameters changed since."""
+    dtype = dtype or model.head.weight.dtype
+    pool = model.__dict__.setdefault("_static_decode_caches", {})
+    key = (batch, max_len, dtype, model.head.weight.device)
+    cache = pool.get(key)
+    if cache is None:
+        cache = pool[key] = model.new_cache(batch, max_len=max_len, dtype=dtype)
+        for tensor in cache.tensors():
+            torch._dynamo.mark_static_address(tensor)
+    elif cache.version != _parameter_version(model):
+        with torch.no_grad():
+            for kept, fresh in zip(_leaves(cache.weights), _leaves(model.decode_weights(dtype))):
+                kept.copy_(fresh)
+    cache.version, cache.length = _parameter_version(model), 0
+    return cache
+
+
+def _parameter_version(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced or modified in place."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 def _batch_rope(rope: Tensor, batch: int) -> Tensor:
     """RoPE (1 or b, n, D/2, 2) -> (batch, n, D/2, 2), repeating a per-sample table for the guidance rows."""
     return rope.expand(batch, -1, -1, -1) if rope.shape[0] == 1 else rope.repeat(batch // rope.shape[0], 1, 1, 1)
+
+
+def query_bucket(n: int) -> int:
+    """The padded size of a static step of n queries: the next power of two, so a decode of T
+    tokens compiles at most log2(T) + 1 shapes per function."""
+    return 1 << (n - 1).bit_length()
+
+
+class _StaticStep(NamedTuple):
+    """The fixed-shape inputs of one static step, made before the loop (no host work inside it)."""
+
+    fed: int  # tokens fed at this step (0 at the first)
+    fed_rope: Optional[Rotation]  # (rows, bucket(fed), D)
+    positions: Optional[Tensor]  # (bucket(fed),) cache positions written
+    fed_visible: Optional[Tensor]  # (bucket(fed)|1, S) what the fed tokens see
+    targets: int
+    target_rope: Rotation  # (rows, bucket(targets), D)
+    target_visible: Tensor  # (1, S)
 
 
 class ARPGDecoder:
@@ -398,6 +557,8 @@ class ARPGDecoder:
     Step 0 feeds the condition token alone (it sees only itself, as in training), then the
     context tokens when editing; step s > 0 feeds the tokens chosen at step s - 1 at their own
     positions, then one content-free query per target of step s reads everything fed so far.
+    The RoPE rotations of every position are computed once, and the cache carries the decode
+    weights (fused projections, see `ARPG.decode_weights`).
 
     Args:
         conditions: (rows,) labels, `ClassCondition.NULL` for unconditional rows.
@@ -408,53 +569,102 @@ class ARPGDecoder:
             block-wise (published).
         use_cache: False recomputes the whole prefix at every step with the attention pattern the
             cache builds up (same logits, slow; for tests and benchmarks).
-        compile: torch.compile the cached step (dynamic shapes).
-        cache_dtype: dtype of the KV cache (default: the weights').
+        compile: torch.compile the cached step (dynamic shapes; with `static`, fixed shapes and
+            CUDA graphs on CUDA, mode "reduce-overhead").
+        cache_dtype: dtype of the KV cache and of the decode weights (default: the weights').
+        static: fixed-shape steps: attention over the whole preallocated cache under a validity
+            mask, fed tokens and queries padded to `query_bucket` sizes. Same tokens as the
+            dynamic steps; it exists so a compiled step replays without recompiling.
     """
 
     def __init__(self, model: ARPG, conditions: Tensor, target_rope: Tensor, tokens_per_step: Sequence[int],
                  context_ids: Optional[Tensor] = None, context_rope: Optional[Tensor] = None,
                  causal_within_step: bool = False, use_cache: bool = True, compile: bool = False,
-                 cache_dtype: Optional[torch.dtype] = None):
+                 cache_dtype: Optional[torch.dtype] = None, static: bool = False):
         rows, device = conditions.shape[0], conditions.device
         self.model, self.causal = model, causal_within_step
-        self.target_rope = _batch_rope(target_rope, rows)
+        self.tokens_per_step = list(tokens_per_step)
         self.ends = [sum(tokens_per_step[:i + 1]) for i in range(len(tokens_per_step))]
         self.step = 0
+        target_rope = _batch_rope(target_rope, rows)
         prefill = [(model.class_ids(conditions)[:, None], model.class_rope(rows, device))]
         if context_ids is not None and context_ids.shape[1]:
             prefill.append((context_ids, _batch_rope(context_rope, rows)))
         fed_slots = self.ends[-2] if len(self.ends) > 1 else 0  # the last step's tokens are never fed
-        max_len = sum(ids.shape[1] for ids, _ in prefill) + fed_slots
-        if use_cache:
-            self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
-            for ids, rope in prefill:
-                model.extend(ids, rope, self.cache, causal=self.causal)
-            self.step_fn = _compiled_extend_and_predict() if compile else _extend_and_predict
-        else:
-            self.cache = None
+        prefilled = sum(ids.shape[1] for ids, _ in prefill)
+        max_len = prefilled + fed_slots
+        self.cache, self.static_steps = None, None
+        if not use_cache:
             self.ids = torch.cat([ids for ids, _ in prefill] + [conditions.new_zeros(rows, fed_slots)], dim=1)
-            self.rope = torch.cat([rope for _, rope in prefill] + [self.target_rope[:, :fed_slots]], dim=1)
+            self.rope = torch.cat([rope for _, rope in prefill] + [target_rope[:, :fed_slots]], dim=1)
+            self.target_rope = target_rope
             groups = [ids.shape[1] for ids, _ in prefill] + list(tokens_per_step[:-1])
             self.visible = block_causal_mask(groups, causal_within_step, device)  # (L, L)
-            self.length = max_len - fed_slots
+            self.length = prefilled
+            return
+        self.targets = rotation(target_rope)  # (rows, N, D/2), sliced per step
+        self.graphs = static and compile and device.type == "cuda"
+        if static:
+            pad = query_bucket(max(tokens_per_step))
+            if compile:
+                self.cache = _reusable_cache(model, rows, max_len + pad, cache_dtype)
+            else:
+                self.cache = model.new_cache(rows, max_len=max_len + pad, dtype=cache_dtype)
+            self.static_steps = self._static_plan(prefilled, pad, device)
+            # One compile serves every bucket (sizes are symbolic); CUDA graphs record one graph per bucket.
+            mode = "reduce-overhead" if self.graphs else None
+            self.extend_fn = _compiled(_static_extend, mode, True) if compile else _static_extend
+            self.predict_fn = _compiled(_static_predict, mode, True) if compile else _static_predict
+        else:
+            self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
+            self.step_fn = _compiled(_extend_and_predict, None, True) if compile else _extend_and_predict
+        for ids, rope in prefill:
+            model.extend(ids, rope, self.cache, causal=self.causal)
+
+    def _static_plan(self, prefilled: int, pad: int, device: torch.device) -> list[_StaticStep]:
+        """The padded inputs of every step, made once: rotations padded with zero rows, the cache
+        positions each step writes and the masks of what its fed tokens and its queries see."""
+        targets = Rotation(F.pad(self.targets.turns, (0, 0, 0, pad)))  # (rows, N + pad, D/2)
+        keys = torch.arange(self.cache.max_len, device=device)  # (S,)
+        steps, written = [], prefilled
+        for step, m in enumerate(self.tokens_per_step):
+            first = self.ends[step - 1] if step else 0  # decode slot of the first target
+            fed_rope = positions = fed_visible = None
+            fed = self.tokens_per_step[step - 1] if step else 0
+            if fed:
+                bucket = query_bucket(fed)
+                fed_rope = targets.slice(first - fed, first - fed + bucket)
+                positions = torch.arange(written, written + bucket, device=device)
+                # block-wise: everything up to the last fed token; causal: up to the token itself
+                limit = positions[:, None] if self.causal else torch.tensor([[written + fed - 1]], device=device)
+                fed_visible = keys[None, :] <= limit
+                written += fed
+            steps.append(_StaticStep(fed, fed_rope, positions, fed_visible, m,
+                                     targets.slice(first, first + query_bucket(m)), keys[None, :] < written))
+        return steps
 
     def __call__(self, fed: Optional[Tensor]) -> Tensor:
-        start = self.ends[self.step - 1] if self.step else 0
-        end = self.ends[self.step]
-        targets = self.target_rope[:, start:end]
-        fed_rope = None
-        if fed is not None:
-            before = self.ends[self.step - 2] if self.step > 1 else 0
-            fed_rope = self.target_rope[:, before:start]
+        step = self.step
         self.step += 1
+        start = self.ends[step - 1] if step else 0
+        end = self.ends[step]
+        if self.static_steps is not None:
+            plan = self.static_steps[step]
+            if self.graphs:  # a new iteration: the previous step's graph outputs are consumed
+                torch.compiler.cudagraph_mark_step_begin()
+            if fed is not None:
+                ids = F.pad(fed, (0, plan.positions.shape[0] - plan.fed))
+                self.extend_fn(self.model, self.cache, ids, plan.fed_rope, plan.positions, plan.fed_visible)
+            logits = self.predict_fn(self.model, self.cache, plan.target_rope, plan.target_visible)
+            return logits[:, :plan.targets].contiguous()  # (rows, n, V); the sampler works in place
+        before = self.ends[step - 2] if step > 1 else 0
         if self.cache is not None:
-            return self.step_fn(self.model, self.cache, fed, fed_rope, targets, self.causal)
+            fed_rope = self.targets.slice(before, start) if fed is not None else None
+            return self.step_fn(self.model, self.cache, fed, fed_rope, self.targets.slice(start, end), self.causal)
         if fed is not None:
             self.ids[:, self.length:self.length + fed.shape[1]] = fed
             self.length += fed.shape[1]
         L = self.length
         k, v = self.model.content_kv(self.ids[:, :L], self.rope[:, :L], is_causal=False,
                                      attn_mask=self.visible[:L, :L])
-        return self.model.target_logits(k, v, targets, is_causal=False)
-
+        return self.model.target_logits(k, v, self.target_rope[:, start:end], is_causal=False)

@@ -236,18 +236,20 @@ class LlamaGen(GridGenerator):
 
     # -- training forward -----------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None,
+                check: bool = True) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass over the model's own sequence (raster, or PAR's regions).
 
         Args:
             tokens: (B, T) image tokens in raster order, values in [0, vocab_size); reordered here.
             labels: (B,) class ids in [0, num_classes).
             generator: RNG for class dropout (training only).
+            check: validate the values of tokens and labels (`check_inputs`); shapes and dtypes
+                are always checked.
         Returns:
             logits (B, T, vocab_size) float32 in raster order, and the mean cross-entropy.
         """
-        B, T = self.check_inputs(tokens, labels)
+        B, T = self.check_inputs(tokens, labels, values=check)
         n, device = self.config.regions, tokens.device
         if self.training:
             labels = self.condition.drop(labels, self.config.class_dropout_prob, generator)
@@ -317,13 +319,16 @@ class LlamaGenDecoder:
         causal_within_step: not supported (the family attends fully within a group, as trained).
         use_cache: False recomputes the whole prefix at every call (same logits; for tests).
         compile: torch.compile the cached call (dynamic shapes).
+        static: not supported (fixed-shape steps are ARPG's).
         cache_dtype: dtype of the KV cache (default: the weights').
     """
 
     def __init__(self, model: LlamaGen, conditions: Tensor, order: Tensor, tokens_per_step: Sequence[int],
                  grid: tuple[int, int], causal_within_step: bool = False, use_cache: bool = True,
-                 compile: bool = False, cache_dtype: Optional[torch.dtype] = None):
+                 compile: bool = False, static: bool = False, cache_dtype: Optional[torch.dtype] = None):
         cfg, device, rows = model.config, conditions.device, conditions.shape[0]
+        require(not static, "static=True is for ARPG only: LlamaGen and PAR decode with growing cache slices; "
+                            "leave it False")
         require(not causal_within_step, "causal_within_step=True is for ARPG only: LlamaGen and PAR decode as they "
                                         "are trained (full attention within each group of n); leave it False")
         require(tuple(grid) == model.grid, f"grid: the model decodes its own {model.grid} grid, got {tuple(grid)}")

@@ -11,6 +11,9 @@ How one decode runs (`decode`):
 * The model's step engine (`model.decoder(...)`, e.g. `arpg.models.arpg.ARPGDecoder`) owns the
   forward passes over a KV cache allocated once: called with the tokens chosen at the previous
   step, it returns the logits of this step's positions.
+* bf16 (autocast, a bf16 cache and bf16 decode weights) runs where `SamplingOptions.amp` says:
+  by default on CUDA and on CPUs with native bf16 (`arpg.runtime.fast_bf16`), on any device if
+  forced, never with amp=False.
 * Classifier-free guidance runs the conditional and the unconditional rows as one doubled batch
   and mixes their logits as uncond + scale * (cond - uncond).
 * The tokens are chosen by a `TokenSampler` (arpg.sample.draw) with uniforms drawn once per call:
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 
 from arpg.errors import SettingError, require
 from arpg.orders import SCHEDULES, DecodePlan, DecodeRules, make_plan
+from arpg.runtime import use_bf16
 from arpg.sample.draw import TokenSampler
 from arpg.sample.options import SamplingOptions, resolve_options
 
@@ -97,13 +101,15 @@ def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, 
         tokens_per_step: how many slots each step predicts.
         choose: picks the tokens of each step from the guided logits (see `Choose`).
         scales: guidance scale per step (`cfg_scales`), or None for no guidance.
+        options: its `amp` decides bf16 (autocast, bf16 cache and decode weights) on any device
+            (`arpg.runtime.use_bf16`: by default where bf16 matmuls are fast).
     """
     B, N, device = conditions.shape[0], sum(tokens_per_step), conditions.device
     guided = scales is not None
     if guided:
         conditions = torch.cat([conditions, model.condition.unconditional(conditions)])
     chosen = torch.empty(conditions.shape[0], N, dtype=torch.long, device=device)  # both halves feed the same
-    use_amp = options.amp and device.type == "cuda"
+    use_amp = use_bf16(options.amp, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         engine = make_engine(conditions, torch.bfloat16 if use_amp else next(model.parameters()).dtype)
         start, fed = 0, None
@@ -204,7 +210,7 @@ def decode_grid(model: nn.Module, labels: Tensor, plan: DecodePlan, choose: Choo
     raster order. (`generate` with the token draw made explicit; tests plug in fixed tokens.)"""
     h, w = model.grid
     runtime = dict(causal_within_step=options.causal_within_step, use_cache=options.use_cache,
-                   compile=options.compile)
+                   compile=options.compile, static=options.static)
 
     def make_engine(conditions: Tensor, cache_dtype: torch.dtype) -> StepEngine:
         return model.decoder(conditions, plan.order, plan.tokens_per_step, (h, w), cache_dtype=cache_dtype, **runtime)

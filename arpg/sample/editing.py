@@ -101,7 +101,7 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
             return ARPGDecoder(model, conditions, rope[target_pos], tokens_per_step,
                                context_ids=context_ids.repeat(repeat, 1), context_rope=rope[context_pos],
                                causal_within_step=options.causal_within_step, use_cache=options.use_cache,
-                               compile=options.compile, cache_dtype=cache_dtype)
+                               compile=options.compile, static=options.static, cache_dtype=cache_dtype)
 
         sampler = TokenSampler(uniforms[rows].gather(1, target_pos), options.temperature, options.top_k, options.top_p)
         scales = cfg_scales(options, tokens_per_step, known=K, total=H * W)

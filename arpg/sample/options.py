@@ -41,8 +41,17 @@ class SamplingOptions:
         causal_within_step: tokens fed in one step attend causally (training-like) instead of
             block-wise (published, better at few steps). ARPG only.
         use_cache: False recomputes the whole prefix at every step (same result, slow; benchmarks).
-        amp: bf16 autocast and a bf16 KV cache when the model is on CUDA.
-        compile: torch.compile the per-step function.
+
+    Speed (none of these changes which tokens are drawn, except bf16 rounding):
+        amp: bf16 autocast, bf16 KV cache and bf16 decode weights. None (default): where bf16
+            matmuls are fast, i.e. on CUDA, and on a CPU with AVX512-BF16 or AMX (detected and
+            logged once, see `arpg.runtime.fast_bf16`); False: float32 everywhere; True: bf16 on
+            any device (on a CPU without bf16 instructions it is many times slower).
+        compile: torch.compile the decode step.
+        static: fixed-shape decode steps (attention over the whole preallocated cache under a
+            validity mask, tokens and queries padded to powers of two), so that with `compile` the
+            step compiles once per bucket and replays as a CUDA graph on CUDA. Same tokens as the
+            default dynamic steps; on its own (eager) it is slower. ARPG only.
     """
 
     steps: Optional[int] = None
@@ -55,8 +64,9 @@ class SamplingOptions:
     top_p: float = 1.0
     causal_within_step: bool = False
     use_cache: bool = True
-    amp: bool = True
+    amp: Optional[bool] = None
     compile: bool = False
+    static: bool = False
 
     def __post_init__(self) -> None:
         require(self.steps is None or (isinstance(self.steps, int) and not isinstance(self.steps, bool)
@@ -72,6 +82,9 @@ class SamplingOptions:
         require(self.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         require(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+        require(self.amp is None or isinstance(self.amp, bool),
+                f"amp must be true, false or null (bf16 where it is fast), got {self.amp!r}")
+        require(isinstance(self.static, bool), f"static must be true or false, got {self.static!r}")
 
     @property
     def guided(self) -> bool:

@@ -33,7 +33,7 @@ DEVICE_CHOICES = ("auto", "cpu")
 # What a resume may change on request (`resume_changes`) of the run it continues (its
 # `run_record`): everything but the model, whose weights would not load.
 RESUME_CHANGES = ("data", "order", "seed", "batch_size", "total_steps", "warmup_steps")
-MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
+MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16", "auto")
 STRATEGY_CHOICES = ("ddp", "fsdp")
 
 
@@ -99,7 +99,8 @@ class RuntimeSettings:
     """Where and how the math runs. Processes and nodes come from the launcher."""
 
     device: str = "auto"  # "auto": the launcher's GPU if there is one, else CPU; "cpu": force CPU
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" | "auto" (bf16 where fast: arpg.runtime.fast_bf16, logged)
+    threads: int = 1  # CPU intra-op threads per process (0: torch's default); see arpg.runtime.set_cpu_threads
     strategy: str = "ddp"  # "ddp" (replicate) | "fsdp" (shard params/grads/optimizer, FSDP2)
     compile: bool = False  # torch.compile the training forward/backward
 
@@ -183,6 +184,7 @@ def validate(config: TrainConfig) -> None:
     require(r.device in DEVICE_CHOICES, f"runtime.device must be one of {DEVICE_CHOICES}, got {r.device!r}")
     require(r.mixed_precision in MIXED_PRECISION_CHOICES,
             f"runtime.mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {r.mixed_precision!r}")
+    require(isinstance(r.threads, int) and r.threads >= 0, f"runtime.threads must be an int >= 0 (0: torch's default), got {r.threads!r}")
     require(r.strategy in STRATEGY_CHOICES, f"runtime.strategy must be one of {STRATEGY_CHOICES}, got {r.strategy!r}")
     require(config.order is None or config.order in ORDERS,
             f"order must be one of {sorted(ORDERS)} or null, got {config.order!r}")

@@ -40,7 +40,7 @@ from arpg.images import save_grid
 from arpg.models import build_model
 from arpg.orders import make_order
 from arpg.quality import digits_class_accuracy
-from arpg.runtime import derive_seed, worker_count
+from arpg.runtime import derive_seed, fast_bf16, set_cpu_threads, worker_count
 from arpg.sample import generate
 from arpg.tokenizer import load_tokenizer
 from arpg.train.config import (GridSettings, OptimSettings, RunPlan, RuntimeSettings, TrainConfig, TrainResult,
@@ -105,8 +105,11 @@ def _make_accelerator(runtime: RuntimeSettings):
         fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
-    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision,
-                              fsdp_plugin=fsdp_plugin)
+    cpu = runtime.device == "cpu" or not torch.cuda.is_available()
+    precision = runtime.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if fast_bf16("cpu" if cpu else "cuda") else "no"
+    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=precision, fsdp_plugin=fsdp_plugin)
     if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # accelerate enables FSDP for GPU processes only and silently falls back to DDP on CPU ones;
         # FSDP2 itself shards over gloo as well, so CPU runs shard like GPU runs (and CI tests it).
@@ -197,6 +200,7 @@ def train(config: TrainConfig) -> TrainResult:
     dataset = build_dataset(config.data, config.seed)  # reads a manifest; the shards are mapped lazily
     config = resolve(config, dataset)
     plan = plan_run(config, dataset)
+    set_cpu_threads(config.runtime.threads)
     accelerator = _make_accelerator(config.runtime)
     validate_processes(config.optim, accelerator.num_processes)
     out_dir = Path(config.out_dir).resolve()
@@ -287,14 +291,17 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             for a in range(accum):
-                tokens, labels = (t.to(device, non_blocking=True) for t in next(micro_batches))
+                tokens, labels = next(micro_batches)
+                raw_model.check_inputs(tokens, labels)  # on the CPU, so the forward needs no device sync
+                tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 generator = _micro_batch_generator(config, run.step, rank * accum + a, device)
-                # An ARPG order when one is set; otherwise the model's own (ARPG: random from `generator`).
+                # An ARPG order when one is set (made by make_order: a permutation by construction);
+                # otherwise the model's own (ARPG: random from `generator`).
                 order = {} if config.order is None else {
                     "order": make_order(config.order, micro, h, w, generator=generator, device=device)}
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
-                    _, loss = train_model(tokens, labels, generator=generator, **order)
+                    _, loss = train_model(tokens, labels, generator=generator, check=False, **order)
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
             grad_norm = None
