@@ -37,7 +37,7 @@ def model():
     return model.eval()
 
 
-def _slot_ids(slots, logits):
+def _slot_ids(step, slots, logits):
     """A `choose` that returns each decode slot's own index, so the output shows where slot k went."""
     return torch.arange(slots.start, slots.stop).expand(logits.shape[0], -1)
 
@@ -48,9 +48,9 @@ class _Recorder:
     def __init__(self, choose):
         self.choose, self.logits = choose, []
 
-    def __call__(self, slots, logits):
+    def __call__(self, step, slots, logits):
         self.logits.append(logits.clone())
-        return self.choose(slots, logits)
+        return self.choose(step, slots, logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _golden_run(golden_model, arpg_golden, **runtime):
     B = arpg_golden["labels"].shape[0]
     plan = DecodePlan(arpg_golden["gen_order"].expand(B, -1), tuple(arpg_golden["num_pred_per_step"]))
     fixed = arpg_golden["gen_fixed_tokens"]
-    recorder = _Recorder(lambda slots, logits: fixed[:, slots])
+    recorder = _Recorder(lambda step, slots, logits: fixed[:, slots])
     options = SamplingOptions(cfg=kwargs["guidance_scale"], cfg_schedule=kwargs["cfg_schedule"], **runtime)
     out = decode_grid(golden_model, arpg_golden["labels"], plan, recorder, options)
     return out, recorder.logits
@@ -134,7 +134,7 @@ def test_cached_logits_equal_full_recomputation(model, causal, num_context):
                    context_rope=model.position_rope(context_pos)) if num_context else {}
     runs = []
     for use_cache in (True, False):
-        recorder = _Recorder(lambda slots, logits: torch.randint(0, 16, logits.shape[:2],
+        recorder = _Recorder(lambda step, slots, logits: torch.randint(0, 16, logits.shape[:2],
                                                                  generator=torch.Generator().manual_seed(slots.start)))
         sizes = decode_schedule(N, 4, "cosine")
         options = SamplingOptions(cfg=2.0, causal_within_step=causal, use_cache=use_cache)
@@ -227,7 +227,7 @@ def test_draw_tokens_matches_distribution_and_skips_zero_probability():
 def test_temperature_zero_is_greedy(model):
     greedy = TokenSampler(torch.rand(2, 8), temperature=0.0)
     logits = torch.randn(2, 3, 16)
-    assert torch.equal(greedy(slice(0, 3), logits), logits.argmax(-1))
+    assert torch.equal(greedy(0, slice(0, 3), logits), logits.argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------

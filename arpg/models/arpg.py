@@ -457,15 +457,24 @@ class ARPGDecoder:
             cache builds up (same logits, slow; for tests and benchmarks).
         compile: torch.compile the cached step (dynamic shapes).
         cache_dtype: dtype of the KV cache (default: the weights').
+        query_open: every step queries all N - start targets not yet fed (its own first), and a
+            position selector picks which of them the step commits (see `reorder_open`).
+
+    With `query_open`, the decode order is not fixed up front: after step s the caller passes
+    `reorder_open` the arrangement of the open targets that puts the committed ones first, and
+    step s + 1 feeds those (the cache stays incremental; only the guided half runs for the
+    queries that are not committed).
     """
 
     def __init__(self, model: ARPG, conditions: Tensor, target_rope: Tensor, tokens_per_step: Sequence[int],
                  context_ids: Optional[Tensor] = None, context_rope: Optional[Tensor] = None,
                  causal_within_step: bool = False, use_cache: bool = True, compile: bool = False,
-                 cache_dtype: Optional[torch.dtype] = None):
+                 cache_dtype: Optional[torch.dtype] = None, query_open: bool = False):
         rows, device = conditions.shape[0], conditions.device
-        self.model, self.causal = model, causal_within_step
+        self.model, self.causal, self.query_open = model, causal_within_step, query_open
         self.target_rope = _batch_rope(target_rope, rows)
+        if query_open:  # rearranged in place by reorder_open: an own copy, not a broadcast view
+            self.target_rope = self.target_rope.contiguous()
         self.ends = [sum(tokens_per_step[:i + 1]) for i in range(len(tokens_per_step))]
         self.step = 0
         prefill = [(model.class_ids(conditions)[:, None], model.class_rope(rows, device))]
@@ -486,10 +495,19 @@ class ARPGDecoder:
             self.visible = _visibility(groups, causal_within_step, device)  # (L, L)
             self.length = max_len - fed_slots
 
+    def reorder_open(self, order: Tensor) -> None:
+        """Rearrange the open targets of the step just run (slots start..N): slot start + i takes
+        the target at start + order[:, i]. order (B, N - start) is given for the B samples and
+        applies to their guidance rows too. Call it between steps, with `query_open`."""
+        start = self.ends[self.step - 2] if self.step > 1 else 0
+        index = order.repeat(self.target_rope.shape[0] // order.shape[0], 1)  # (rows, N - start)
+        open_rope = self.target_rope[:, start:]
+        self.target_rope[:, start:] = open_rope.gather(1, index[:, :, None, None].expand_as(open_rope))
+
     def __call__(self, fed: Optional[Tensor]) -> Tensor:
         start = self.ends[self.step - 1] if self.step else 0
         end = self.ends[self.step]
-        targets = self.target_rope[:, start:end]
+        targets = self.target_rope[:, start:] if self.query_open else self.target_rope[:, start:end]
         fed_rope = None
         if fed is not None:
             before = self.ends[self.step - 2] if self.step > 1 else 0
@@ -499,6 +517,7 @@ class ARPGDecoder:
             return self.step_fn(self.model, self.cache, fed, fed_rope, targets, self.causal)
         if fed is not None:
             self.ids[:, self.length:self.length + fed.shape[1]] = fed
+            self.rope[:, self.length:self.length + fed.shape[1]] = fed_rope  # targets may have been reordered
             self.length += fed.shape[1]
         L = self.length
         k, v = self.model.content_kv(self.ids[:, :L], self.rope[:, :L], is_causal=False,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from torch import Tensor
@@ -15,7 +16,17 @@ from torch import Tensor
 from arpg.errors import require
 from arpg.orders import ORDERS, SCHEDULES
 
-CFG_SCHEDULES = ("constant", "linear")
+# How a per-step setting (guidance scale, temperature) moves over a decode, from its `value` and
+# the number of tokens `determined` (known or decoded) after the step, out of `total`.
+RAMPS: dict[str, Callable[[float, int, int], float]] = {
+    "constant": lambda value, determined, total: value,
+    # published ARPG guidance: from about 1 at the first step up to `value` at the last
+    "linear": lambda value, determined, total: 1.0 + (value - 1.0) * determined / total,
+    # the reverse: `value` at the start, 1 at the last step
+    "falling": lambda value, determined, total: 1.0 + (value - 1.0) * (total - determined) / total,
+}
+CFG_SCHEDULES = tuple(RAMPS)
+POSITION_RULES = ("plan", "confidence")
 
 
 @dataclass
@@ -32,8 +43,10 @@ class SamplingOptions:
             "regions16", or (from Python) a permutation tensor (T,) or (B, T).
         cfg: classifier-free guidance scale; None or 1 turn guidance off (no doubled batch);
             0 samples the unconditional rows alone. Logits are uncond + s * (cond - uncond).
-        cfg_schedule: "constant" (s = cfg) or "linear" (s = 1 + (cfg - 1) * determined / T, where
-            determined counts the known and decoded tokens after the step; published ARPG).
+        cfg_schedule: how the scale moves over the decode (`RAMPS`), with determined = the known
+            and decoded tokens after the step, out of T: "constant" (s = cfg), "linear"
+            (s = 1 + (cfg - 1) * determined / T; published ARPG) or "falling"
+            (s = 1 + (cfg - 1) * (T - determined) / T: strong early, none at the last step).
         temperature: logits are divided by it; 0 is greedy decoding.
         top_k, top_p: logit filters (see `arpg.sample.draw.filter_logits`); 0 and 1 disable them.
         causal_within_step: tokens fed in one step attend causally (training-like) instead of
@@ -41,6 +54,20 @@ class SamplingOptions:
         use_cache: False recomputes the whole prefix at every step (same result, slow; benchmarks).
         amp: bf16 autocast and a bf16 KV cache when the model is on CUDA.
         compile: torch.compile the per-step function.
+
+    Decoding strategies (any ARPG checkpoint, no retraining; `docs/bench_quality.png` compares them):
+        positions: which positions a step commits. "plan": the next ones of the order (published).
+            "confidence": every step queries all positions not yet decoded (the guided half only,
+            against the same cache), draws a token for each, and commits the step's count of them
+            with the highest log-probability of their drawn token (under the guided logits, before
+            temperature) plus `position_noise` times Gumbel noise; the order then only breaks
+            ties. Costs one query per open position per step. ARPG only.
+        position_noise: scale of the Gumbel noise added to the confidences (0: the most confident
+            positions; larger: positions sampled more freely by confidence), multiplied by the
+            fraction of tokens still undetermined before the step (annealed to 0).
+        temperature_schedule: how the temperature moves over the decode, like `cfg_schedule`
+            (`RAMPS`, with the temperature as value): "constant", "linear" (from about 1 to
+            `temperature`) or "falling" (from `temperature` to 1).
     """
 
     steps: Optional[int] = None
@@ -55,6 +82,10 @@ class SamplingOptions:
     use_cache: bool = True
     amp: bool = True
     compile: bool = False
+    # decoding strategies (see the docstring)
+    positions: str = "plan"
+    position_noise: float = 0.0
+    temperature_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         require(self.steps is None or (isinstance(self.steps, int) and not isinstance(self.steps, bool)
@@ -70,6 +101,23 @@ class SamplingOptions:
         require(self.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         require(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+        require(self.positions in POSITION_RULES, f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
+        require(self.position_noise >= 0, f"position_noise must be >= 0, got {self.position_noise}")
+        require(self.temperature_schedule in RAMPS,
+                f"temperature_schedule must be one of {tuple(RAMPS)}, got {self.temperature_schedule!r}")
+        require(self.temperature_schedule == "constant" or self.temperature > 0,
+                f"temperature must be > 0 with temperature_schedule={self.temperature_schedule!r}, "
+                f"got {self.temperature}")
+
+    def ramp(self, name: str, tokens_per_step: Sequence[int], known: int, total: int) -> list[float]:
+        """Per-step values of the ramped setting `name` ("cfg" or "temperature") over a decode of
+        `tokens_per_step` after `known` context tokens, out of `total` (see `RAMPS`)."""
+        ramp, value = RAMPS[getattr(self, f"{name}_schedule")], float(getattr(self, name))
+        values, determined = [], known
+        for n in tokens_per_step:
+            determined += n
+            values.append(ramp(value, determined, total))
+        return values
 
     @property
     def guided(self) -> bool:
