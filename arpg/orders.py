@@ -241,7 +241,23 @@ _MASK_RATIOS: dict[str, Callable[[int, int], float | Fraction]] = {
     "cosine": lambda s, n: math.cos(math.pi / 2 * (s + 1) / n),
     "linear": lambda s, n: Fraction(n - s - 1, n),
 }
-SCHEDULES = tuple(_MASK_RATIOS)
+# Schedules of ours whose steps grow: the fraction decoded after step s is t^p, t = (s+1)/n, so
+# the first steps (decoded from the fewest context tokens, with the least to go on) stay small.
+# "square" (p = 2) grows the step sizes linearly: 8 steps of 64 tokens are 1, 3, 5, ..., 15.
+_GROWTH_POWERS = {"square": 2, "cube": 3}
+SCHEDULES = (*_MASK_RATIOS, *_GROWTH_POWERS)
+
+
+def _growing_schedule(num_tokens: int, steps: int, power: int) -> list[int]:
+    """Cumulative counts round(T * t^power) (exact), kept >= 1 per step and leaving >= 1 per remaining step."""
+    done, sizes = 0, []
+    for step in range(steps):
+        fraction = Fraction(step + 1, steps) ** power
+        target = math.floor(num_tokens * fraction + Fraction(1, 2))
+        target = min(max(target, done + 1), num_tokens - (steps - 1 - step))
+        sizes.append(target - done)
+        done = target
+    return sizes
 
 
 def _check_group_sizes(
@@ -278,11 +294,14 @@ def decode_schedule(
     steps - 1 - s and after every step but the last at least one token stays masked per
     remaining step. (The tests check this for every steps of many T.)
 
+    "square" and "cube" (ours) decode a fraction t^2 or t^3 of the tokens by the end of step
+    s, rounded, with at least one token per step: small first steps, growing ones after.
+
     ``schedule`` may also be an explicit list of tokens per step; ``steps`` then may be None.
     """
     if not isinstance(schedule, str):
         return _check_group_sizes(schedule, num_tokens, steps)
-    if schedule not in _MASK_RATIOS:
+    if schedule not in SCHEDULES:
         raise ValueError(
             f"schedule must be one of {list(SCHEDULES)} or a list of ints, got {schedule!r}"
         )
@@ -290,6 +309,8 @@ def decode_schedule(
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     if not isinstance(steps, int) or not 1 <= steps <= num_tokens:
         raise ValueError(f"steps must be in [1, {num_tokens}], got {steps}")
+    if schedule in _GROWTH_POWERS:
+        return _growing_schedule(num_tokens, steps, _GROWTH_POWERS[schedule])
     mask_ratio = _MASK_RATIOS[schedule]
     sizes = []
     done = 0

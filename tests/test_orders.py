@@ -79,7 +79,7 @@ def test_named_schedules_follow_the_published_rule_without_deviation():
         "cosine": lambda s, n: math.cos(math.pi / 2 * (s + 1) / n),
         "linear": lambda s, n: Fraction(n - s - 1, n),
     }
-    assert set(ratios) == set(SCHEDULES)
+    assert set(ratios) == set(SCHEDULES) - {"square", "cube"}  # ours follow their own rule (test_strategies)
     for name, ratio in ratios.items():
         for num_tokens in (1, 2, 3, 5, 16, 17, 64):
             for steps in range(1, num_tokens + 1):

@@ -87,13 +87,13 @@ def _validate(config: BenchQualityConfig) -> None:
     require(bool(config.steps) and all(1 <= s <= DIGITS_SIDE ** 2 for s in config.steps),
             f"steps must be a non-empty list of ints in [1, 64], got {config.steps}")
     require(bool(config.strategies), "strategies must name at least one strategy")
+    _strategy_options(config)
     require(all(name in config.strategies for name in config.grid_strategies),
             f"grid_strategies must be names from strategies {sorted(config.strategies)}, got {config.grid_strategies}")
     require(1 <= config.grid_steps <= DIGITS_SIDE ** 2, f"grid_steps must be in [1, 64], got {config.grid_steps}")
     require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
     require(config.seed >= 0 and config.judge_seed >= 0,
             f"seed and judge_seed must be >= 0, got {config.seed}, {config.judge_seed}")
-    _strategy_options(config)
 
 
 def default_digits_model(train_dir: str, device: torch.device) -> tuple[torch.nn.Module, Path]:

@@ -33,7 +33,7 @@ from arpg.errors import require
 from arpg.orders import SCHEDULES, DecodePlan, DecodeRules, make_plan
 from arpg.sample.draw import TokenSampler
 from arpg.sample.options import SamplingOptions, resolve_options
-from arpg.sample.positions import ConfidenceSelector, position_selector
+from arpg.sample.positions import PositionSelector, position_selector
 
 # choose(step, slots, logits): the tokens (B, n) for the targets `slots` of step `step` given their
 # guided float32 logits (B, n, V), which it may overwrite; `slots` is a slice of the N targets, or
@@ -86,7 +86,7 @@ def cfg_scales(options: SamplingOptions, tokens_per_step: Sequence[int], known: 
 @torch.no_grad()
 def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, torch.dtype], StepEngine],
            tokens_per_step: Sequence[int], choose: Choose, scales: Optional[Sequence[float]],
-           options: SamplingOptions, progress: bool = False, select: Optional[ConfidenceSelector] = None
+           options: SamplingOptions, progress: bool = False, select: Optional[PositionSelector] = None
            ) -> Tensor:
     """Decode N = sum(tokens_per_step) targets for each of B samples -> tokens (B, N), one per target
     (the engine's targets, in the plan's order).
@@ -219,7 +219,7 @@ def token_sampler(options: SamplingOptions, uniforms: Tensor, tokens_per_step: S
 
 
 def decode_grid(model: nn.Module, labels: Tensor, plan: DecodePlan, choose: Choose, options: SamplingOptions,
-                progress: bool = False, select: Optional[ConfidenceSelector] = None) -> Tensor:
+                progress: bool = False, select: Optional[PositionSelector] = None) -> Tensor:
     """Decode whole grids along `plan`, choosing each step's tokens with `choose` (and positions
     with `select`, see `decode`) -> (B, h, w) in raster order. (`generate` with the draws made
     explicit; tests plug in fixed tokens.)"""

@@ -37,10 +37,13 @@ class SamplingOptions:
 
     Attributes:
         steps: decoding steps, in [1, T] for T tokens per image.
-        schedule: tokens per step: "arccos" (published ARPG), "cosine", "linear", "regions" (the
-            natural schedule of a regions order), or an explicit list of ints summing to T.
+        schedule: tokens per step: "arccos" (published ARPG), "cosine", "linear", "square" or
+            "cube" (ours: small first steps, then growing; see `arpg.orders.decode_schedule`),
+            "regions" (the natural schedule of a regions order), or a list of ints summing to T.
         order: "random" (a permutation per sample), "random_shared", "raster", "regions4",
-            "regions16", or (from Python) a permutation tensor (T,) or (B, T).
+            "regions16", "halton" (low-discrepancy: every prefix covers the grid evenly),
+            "locality" (each step's positions apart from each other and next to the decoded
+            ones), or (from Python) a permutation tensor (T,) or (B, T).
         cfg: classifier-free guidance scale; None or 1 turn guidance off (no doubled batch);
             0 samples the unconditional rows alone. Logits are uncond + s * (cond - uncond).
         cfg_schedule: how the scale moves over the decode (`RAMPS`), with determined = the known

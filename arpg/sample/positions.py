@@ -10,12 +10,15 @@ loop never reads a value back from the device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 import torch
 from torch import Tensor
 
 from arpg.sample.options import SamplingOptions
+
+# select(step, n, open_targets, logits, tokens) -> order: see `ConfidenceSelector`.
+PositionSelector = Callable[[int, int, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
