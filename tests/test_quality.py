@@ -105,7 +105,8 @@ def test_bench_quality_reduced_run_writes_every_field(digits_model, tmp_path, ca
     # any fixed order gives the very same samples.
     assert rows["raster", 1]["frechet"] == rows["regions4", 1]["frechet"]
     assert rows["raster", 8]["frechet"] != rows["regions4", 8]["frechet"]
-    assert report["strategies"]["confidence"] == "schedule=arccos cfg=3.0 positions=confidence position_noise=2.0"
+    assert report["strategies"]["confidence"] == str(config.sampling.replace(**strategies["confidence"]))
+    assert "positions=confidence position_noise=2.0" in report["strategies"]["confidence"]
 
     for path, width in ((config.output_plot, 500), (config.output_grid, 2 * (8 * 4 + 1) * 8)):
         with Image.open(path) as picture:

@@ -7,33 +7,15 @@ import torch
 
 import arpg.sample as sample
 import arpg.sample.draw as draw
-from arpg import create_model
 from arpg.models.arpg import ARPGDecoder
 from arpg.orders import decode_schedule, halton_order, locality_order, make_plan, random_order
 from arpg.sample import SamplingOptions
 from arpg.sample.decode import cfg_scales, decode_grid, token_sampler
 from arpg.sample.positions import position_selector
 
-GRID = 4
-T = GRID * GRID
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    """A random tiny model whose every prediction depends on position and context (as in test_sample)."""
-    torch.manual_seed(0)
-    model = create_model("ARPG-tiny", vocab_size=16, block_size=T, num_classes=4, dim=64)
-    for name, p in model.named_parameters():
-        torch.nn.init.normal_(p, std=1.0 if "to_q" in name or "to_k" in name else 0.3)
-    return model.eval()
+# The random tiny model of test_sample (every prediction depends on position and context) on its
+# 4x4 grid, single-threaded like there.
+from test_sample import GRID, T, model, one_thread  # noqa: F401 (fixtures, used by name)
 
 
 def _is_permutation(order, num_tokens):
@@ -311,3 +293,18 @@ def test_bad_strategy_options_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingOptions(**kwargs)
 
+
+
+def test_scripts_take_the_strategies_through_their_sampling_group():
+    from arpg.cli import compose_config
+    from arpg.sample_fid import SampleFIDConfig
+
+    overrides = ["checkpoint=x.pt", "sampling.positions=confidence", "sampling.position_noise=6.0",
+                 "sampling.schedule=cube", "sampling.order=halton", "sampling.cfg_schedule=falling",
+                 "sampling.temperature_schedule=linear", "sampling.temperature=0.8"]
+    config = compose_config("sample_fid", SampleFIDConfig, overrides)
+    assert config.sampling == SamplingOptions(positions="confidence", position_noise=6.0, schedule="cube",
+                                              order="halton", cfg_schedule="falling",
+                                              temperature_schedule="linear", temperature=0.8)
+    with pytest.raises(ValueError, match="positions"):
+        compose_config("sample_fid", SampleFIDConfig, ["checkpoint=x.pt", "sampling.positions=best"])

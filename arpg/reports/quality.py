@@ -35,11 +35,13 @@ from arpg.train import TrainConfig, train
 
 def _default_strategies() -> dict[str, dict[str, Any]]:
     return {
+        "published": {"schedule": "arccos", "cfg_schedule": "constant"},  # random order, arccos, constant cfg
         "random": {},
         "halton": {"order": "halton"},
         "locality": {"order": "locality"},
-        "regions4": {"order": "regions4"},
-        "confidence": {"positions": "confidence", "position_noise": 3.0, "schedule": "cosine"},
+        "confidence": {"positions": "confidence", "position_noise": 6.0},
+        "confidence_low_cfg": {"positions": "confidence", "position_noise": 6.0, "cfg": 1.5,
+                               "cfg_schedule": "constant"},
     }
 
 
@@ -54,13 +56,15 @@ class BenchQualityConfig:
     steps: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 64])
     # The table's columns: name -> SamplingOptions fields that differ from `sampling` (each row sets steps).
     strategies: dict[str, dict[str, Any]] = field(default_factory=_default_strategies)
-    # What every strategy starts from: the published sampler's defaults, untempered, with guidance 3.
-    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(schedule="arccos", cfg=3.0))
+    # What every strategy starts from (configs/sampling/digits.yaml less its positions): random order,
+    # the growing "cube" schedule, guidance rising to 3 (published ramp), temperature 1.
+    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(schedule="cube", cfg=3.0,
+                                                                              cfg_schedule="linear"))
     batch_size: int = 500
     seed: int = 0  # sampling; every cell uses the same seed (common random numbers)
     judge_seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    grid_strategies: list[str] = field(default_factory=lambda: ["random", "confidence"])  # drawn beside real digits
+    grid_strategies: list[str] = field(default_factory=lambda: ["published", "confidence"])  # drawn beside real digits
     grid_steps: int = 8
     output_json: str = "docs/bench_quality.json"
     output_plot: str = "docs/bench_quality.png"
