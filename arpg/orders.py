@@ -113,6 +113,85 @@ def check_order(order: Tensor, num_tokens: int, batch: int | None = None) -> Ten
     return rows.expand(batch, num_tokens)
 
 
+def _radical_inverse(indices: Tensor, base: int) -> Tensor:
+    """Van der Corput: the base-`base` digits of each index mirrored behind the point, float64."""
+    result = torch.zeros(indices.shape, dtype=torch.float64)
+    scale, rest = 1.0 / base, indices.clone()
+    while bool(rest.any()):
+        result += (rest % base).double() * scale
+        rest, scale = rest // base, scale / base
+    return result
+
+
+def halton_order(
+    batch: int,
+    h: int,
+    w: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A low-discrepancy order per sample, (B, T) int64: every prefix covers the grid evenly.
+
+    The 2-D Halton sequence (base 2 across columns, base 3 down rows), shifted by a random offset
+    per sample on the unit torus (a Cranley-Patterson rotation), visits the grid's cells; a cell
+    takes the rank of its first visit. 2^a * 3^b points with 2^a >= 2w and 3^b >= 2h hit every
+    cell: each cell then contains a whole elementary box of the sequence, which holds one point.
+    """
+    points = (2 ** math.ceil(math.log2(2 * w))) * (3 ** math.ceil(math.log(2 * h, 3) - 1e-9))
+    index = torch.arange(points)
+    noise_device = generator.device if generator is not None else device
+    shift = torch.rand(batch, 2, generator=generator, device=noise_device, dtype=torch.float64).cpu()
+    cols = ((_radical_inverse(index, 2) + shift[:, :1]) % 1.0 * w).long().clamp_(max=w - 1)  # (B, points)
+    rows = ((_radical_inverse(index, 3) + shift[:, 1:]) % 1.0 * h).long().clamp_(max=h - 1)
+    first_visit = torch.full((batch, h * w), points).scatter_reduce_(
+        1, rows * w + cols, index.expand(batch, -1), reduce="amin")  # (B, T)
+    return first_visit.argsort(dim=1).to(device)
+
+
+def locality_order(
+    priority: Tensor, h: int, w: int, tokens_per_step: Sequence[int], decoded: Tensor | None = None
+) -> Tensor:
+    """Spread each step's positions apart and keep them near what is already decoded.
+
+    Greedy, one position at a time: a step takes the open position farthest from the positions
+    it already took, up to the step's spacing sqrt(open / n) (n positions spread evenly over the
+    open area are about that far apart); among those equally far, the one nearest a decoded
+    position (decoded before the step); then the earliest in `priority`. Positions of one step
+    thus see little of each other's missing context and much of the decoded one.
+
+    Args:
+        priority: (B, T) a permutation per sample (e.g. a random order), the last tie-break.
+        tokens_per_step: the steps' sizes, summing to the number of open positions.
+        decoded: (B, T) bool, positions known before the first step (editing); None: none.
+    Returns:
+        (B, N) the N open positions in decoding order.
+    """
+    B, T = priority.shape
+    device = priority.device
+    decoded = torch.zeros(B, T, dtype=torch.bool, device=device) if decoded is None else decoded.clone()
+    num_open = int(T - decoded[0].sum())
+    _check_group_sizes(tokens_per_step, num_open, None, "tokens_per_step")
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(T, 2)
+    distance = torch.cdist(coords.double(), coords.double()).to(device)  # (T, T)
+    rank = priority.argsort(dim=1).double() / T  # (B, T) in [0, 1): the last tie-break
+    far = torch.finfo(torch.float64).max
+    to_decoded = torch.where(decoded[:, :, None], distance, far).amin(dim=1)  # (B, T)
+    rows = torch.arange(B, device=device)
+    picked = []
+    for n in tokens_per_step:
+        spacing = math.sqrt((num_open - len(picked)) / n)
+        to_step = torch.full((B, T), far, dtype=torch.float64, device=device)
+        # Lexicographic: spacing reached (capped), then nearness to decoded, then priority.
+        for _ in range(n):
+            score = to_step.clamp(max=spacing) * (4 * T) - to_decoded.clamp(max=2 * T) - rank
+            position = score.masked_fill(decoded, -far).argmax(dim=1)  # (B,)
+            decoded[rows, position] = True
+            to_step = torch.minimum(to_step, distance[position])
+            picked.append(position)
+        to_decoded = torch.minimum(to_decoded, distance[torch.stack(picked[-n:], 1)].amin(dim=1))
+    return torch.stack(picked, dim=1)
+
+
 # Every named order: (batch, h, w, generator, device) -> (B, T) int64.
 ORDERS: dict[str, Callable[..., Tensor]] = {
     "random": lambda b, h, w, gen, dev: random_order(b, h * w, gen, dev),
@@ -120,7 +199,12 @@ ORDERS: dict[str, Callable[..., Tensor]] = {
     "raster": lambda b, h, w, gen, dev: raster_order(h, w, dev).expand(b, -1),
     "regions4": lambda b, h, w, gen, dev: regions_order(h, w, 4, dev).expand(b, -1),
     "regions16": lambda b, h, w, gen, dev: regions_order(h, w, 16, dev).expand(b, -1),
+    "halton": halton_order,
+    # a random order here, made locality-aware by `make_plan` once the schedule is known
+    "locality": lambda b, h, w, gen, dev: random_order(b, h * w, gen, dev),
 }
+# Orders that depend on the schedule: refined from the named order's output by `locality_order`.
+SCHEDULE_AWARE_ORDERS = ("locality",)
 
 # The region count behind each order with a natural schedule (raster is one region: one token per step).
 _REGION_COUNTS = {"raster": 1, "regions4": 4, "regions16": 16}
@@ -157,7 +241,23 @@ _MASK_RATIOS: dict[str, Callable[[int, int], float | Fraction]] = {
     "cosine": lambda s, n: math.cos(math.pi / 2 * (s + 1) / n),
     "linear": lambda s, n: Fraction(n - s - 1, n),
 }
-SCHEDULES = tuple(_MASK_RATIOS)
+# Schedules of ours whose steps grow: the fraction decoded after step s is t^p, t = (s+1)/n, so
+# the first steps (decoded from the fewest context tokens, with the least to go on) stay small.
+# "square" (p = 2) grows the step sizes linearly: 8 steps of 64 tokens are 1, 3, 5, ..., 15.
+_GROWTH_POWERS = {"square": 2, "cube": 3}
+SCHEDULES = (*_MASK_RATIOS, *_GROWTH_POWERS)
+
+
+def _growing_schedule(num_tokens: int, steps: int, power: int) -> list[int]:
+    """Cumulative counts round(T * t^power) (exact), kept >= 1 per step and leaving >= 1 per remaining step."""
+    done, sizes = 0, []
+    for step in range(steps):
+        fraction = Fraction(step + 1, steps) ** power
+        target = math.floor(num_tokens * fraction + Fraction(1, 2))
+        target = min(max(target, done + 1), num_tokens - (steps - 1 - step))
+        sizes.append(target - done)
+        done = target
+    return sizes
 
 
 def _check_group_sizes(
@@ -194,11 +294,14 @@ def decode_schedule(
     steps - 1 - s and after every step but the last at least one token stays masked per
     remaining step. (The tests check this for every steps of many T.)
 
+    "square" and "cube" (ours) decode a fraction t^2 or t^3 of the tokens by the end of step
+    s, rounded, with at least one token per step: small first steps, growing ones after.
+
     ``schedule`` may also be an explicit list of tokens per step; ``steps`` then may be None.
     """
     if not isinstance(schedule, str):
         return _check_group_sizes(schedule, num_tokens, steps)
-    if schedule not in _MASK_RATIOS:
+    if schedule not in SCHEDULES:
         raise ValueError(
             f"schedule must be one of {list(SCHEDULES)} or a list of ints, got {schedule!r}"
         )
@@ -206,6 +309,8 @@ def decode_schedule(
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     if not isinstance(steps, int) or not 1 <= steps <= num_tokens:
         raise ValueError(f"steps must be in [1, {num_tokens}], got {steps}")
+    if schedule in _GROWTH_POWERS:
+        return _growing_schedule(num_tokens, steps, _GROWTH_POWERS[schedule])
     mask_ratio = _MASK_RATIOS[schedule]
     sizes = []
     done = 0
@@ -287,4 +392,6 @@ def make_plan(
         schedule = regions_schedule(h, w, _REGION_COUNTS[order])
     tokens_per_step = decode_schedule(h * w, steps, schedule)
     order_tensor = make_order(order, batch, h, w, generator, device)
+    if isinstance(order, str) and order in SCHEDULE_AWARE_ORDERS:
+        order_tensor = locality_order(order_tensor, h, w, tokens_per_step)
     return DecodePlan(order_tensor, tuple(tokens_per_step))

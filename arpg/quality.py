@@ -72,11 +72,12 @@ class DigitsJudge:
         is_reference = np.arange(len(labels)) % 2 == 0
         self.seed = seed
         self.reference_tokens, self.held_out_tokens = tokens[is_reference], tokens[~is_reference]
+        self.held_out_labels = labels[~is_reference]
         self.classifier = MLPClassifier(hidden_layer_sizes=(JUDGE_HIDDEN_UNITS,), max_iter=3000, random_state=seed)
         # One BLAS thread: the matrices are tiny, and threads spinning on shared cores doubled the fit time.
         with threadpool_limits(limits=1):
             self.classifier.fit(_as_pixels(self.reference_tokens), labels[is_reference])
-        self.held_out_accuracy = self.accuracy(self.held_out_tokens, labels[~is_reference])
+        self.held_out_accuracy = self.accuracy(self.held_out_tokens, self.held_out_labels)
         firing = (self._hidden(_as_pixels(self.reference_tokens)) > 0).mean(axis=0)  # (64,)
         self._active_units = firing >= JUDGE_MIN_FIRING
         self.reference_statistics = feature_statistics(self.features(self.reference_tokens))

@@ -115,9 +115,9 @@ def test_a_new_sampling_default_reaches_every_entry_point(monkeypatch, tmp_path)
     from arpg.sample.draw import TokenSampler
 
     class RecordingSampler(TokenSampler):
-        def __call__(self, slots, logits):
+        def __call__(self, step, slots, logits):
             seen.append(self.top_p)
-            return super().__call__(slots, logits)
+            return super().__call__(step, slots, logits)
 
     monkeypatch.setattr("arpg.sample.decode.TokenSampler", RecordingSampler)
     seen.clear()

@@ -31,7 +31,7 @@ def model():
 def _fixed_tokens(fixed):
     """A `choose` feeding `fixed` (B, N) whatever the logits say; returns it and the logits list it fills."""
     seen = []
-    return (lambda slots, logits: seen.append(logits.clone()) or fixed[:, slots]), seen
+    return (lambda step, slots, logits: seen.append(logits.clone()) or fixed[:, slots]), seen
 
 
 def _teacher_forced(model, options, steps=6):

@@ -73,9 +73,9 @@ class _Recorder:
     def __init__(self, choose):
         self.choose, self.logits = choose, []
 
-    def __call__(self, slots, logits):
+    def __call__(self, step, slots, logits):
         self.logits.append(logits.clone())
-        return self.choose(slots, logits)
+        return self.choose(step, slots, logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def _golden_decode(model: LlamaGen, golden: dict, monkeypatch, **runtime):
     options = SamplingOptions(cfg=golden["generate_kwargs"]["cfg_scale"], **runtime)
     labels = golden["labels"]
     plan = decode_plan(model, options, labels.shape[0], [(labels.shape[0], None)], torch.device("cpu"))
-    recorder = _Recorder(lambda slots, logits: golden["gen_fixed_tokens"][:, slots])
+    recorder = _Recorder(lambda step, slots, logits: golden["gen_fixed_tokens"][:, slots])
     try:
         out = decode_grid(model, labels, plan, recorder, options)
     finally:

@@ -79,7 +79,7 @@ def test_named_schedules_follow_the_published_rule_without_deviation():
         "cosine": lambda s, n: math.cos(math.pi / 2 * (s + 1) / n),
         "linear": lambda s, n: Fraction(n - s - 1, n),
     }
-    assert set(ratios) == set(SCHEDULES)
+    assert set(ratios) == set(SCHEDULES) - {"square", "cube"}  # ours follow their own rule (test_strategies)
     for name, ratio in ratios.items():
         for num_tokens in (1, 2, 3, 5, 16, 17, 64):
             for steps in range(1, num_tokens + 1):
@@ -212,9 +212,9 @@ def test_make_order_by_name(name):
     order = make_order(name, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert order.shape == (3, 64) and order.dtype == torch.int64
     assert _is_permutation(order, 64)
-    shared = name != "random"  # every other named order is one order for the whole batch
+    shared = name not in ("random", "halton", "locality")  # per sample (halton: a random shift each)
     assert torch.equal(order[1], order[0]) == shared and torch.equal(order[2], order[0]) == shared
-    if name.startswith("random"):  # seeded: the same generator state gives the same order, another seed another
+    if name not in ("raster", "regions4", "regions16"):  # seeded: the same generator state, the same order
         again = make_order(name, 3, 8, 8, generator=torch.Generator().manual_seed(0))
         other = make_order(name, 3, 8, 8, generator=torch.Generator().manual_seed(1))
         assert torch.equal(order, again) and not torch.equal(order, other)

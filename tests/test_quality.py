@@ -89,28 +89,41 @@ def test_sample_digits_is_class_balanced_and_seeded(digits_model):
 @pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_bench_quality_reduced_run_writes_every_field(digits_model, tmp_path, capsys):
     checkpoint = save(digits_model, tmp_path / "digits.safetensors")
-    config = BenchQualityConfig(checkpoint=str(checkpoint), samples=50, steps=[1, 8], batch_size=50, device="cpu",
-                                output_json=str(tmp_path / "q.json"), output_plot=str(tmp_path / "q.png"))
+    strategies = {"random": {}, "raster": {"order": "raster"}, "regions4": {"order": "regions4"},
+                  "confidence": {"positions": "confidence", "position_noise": 2.0}}
+    config = BenchQualityConfig(checkpoint=str(checkpoint), samples=50, steps=[1, 8], strategies=strategies,
+                                batch_size=50, device="cpu", grid_strategies=["confidence"],
+                                output_json=str(tmp_path / "q.json"), output_plot=str(tmp_path / "q.png"),
+                                output_grid=str(tmp_path / "grid.png"))
     bench_quality(config)
 
     report = json.loads(Path(config.output_json).read_text())
     assert report["config"]["steps"] == [1, 8] and report["config"]["samples"] == 50
     assert report["judge"]["held_out_accuracy"] >= 0.95 and report["judge"]["feature_dim"] > 0
-    assert report["noise_floor"]["frechet"] > 0 and report["random_tokens_frechet"] > report["noise_floor"]["frechet"]
-    rows = {(r["order"], r["schedule"], r["steps"]): r for r in report["results"]}
-    expected = {(o, "arccos", s) for o in ("random", "raster", "regions4") for s in (1, 8)} | {("regions4", "regions", 19)}
-    assert set(rows) == expected
+    floor = report["noise_floor"]
+    assert floor["frechet"] > 0 and report["random_tokens_frechet"] > floor["frechet"]
+    assert 0.5 < floor["precision"] <= 1 and 0.5 < floor["recall"] <= 1
+    assert report["model"]["checkpoint"] == config.checkpoint  # as given: no other path of the machine
+    rows = {(r["strategy"], r["steps"]): r for r in report["results"]}
+    assert set(rows) == {(name, s) for name in strategies for s in (1, 8)}
     for row in rows.values():
-        assert set(row) == {"order", "schedule", "steps", "accuracy", "frechet", "images_per_s", "seconds"}
+        assert set(row) == {"strategy", "steps", "accuracy", "frechet", "precision", "recall", "images_per_s",
+                            "seconds"}
         assert 0 <= row["accuracy"] <= 1 and row["frechet"] > 0 and row["images_per_s"] > 0
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
     # One step predicts every position from the class token alone, with one uniform per position:
     # any fixed order gives the very same samples.
-    assert rows["raster", "arccos", 1]["frechet"] == rows["regions4", "arccos", 1]["frechet"]
-    assert rows["raster", "arccos", 8]["frechet"] != rows["regions4", "arccos", 8]["frechet"]
+    assert rows["raster", 1]["frechet"] == rows["regions4", 1]["frechet"]
+    assert rows["raster", 8]["frechet"] != rows["regions4", 8]["frechet"]
+    assert report["strategies"]["confidence"] == str(config.sampling.replace(**strategies["confidence"]))
+    assert "positions=confidence position_noise=2.0" in report["strategies"]["confidence"]
 
-    with Image.open(config.output_plot) as plot:
-        assert plot.format == "PNG" and plot.width > 500
-    assert "| order | schedule | steps | accuracy | frechet | images/s |" in " ".join(capsys.readouterr().out.split())
+    for path, width in ((config.output_plot, 500), (config.output_grid, 2 * (8 * 4 + 1) * 8)):
+        with Image.open(path) as picture:
+            assert picture.format == "PNG" and picture.width > width
+    out = " ".join(capsys.readouterr().out.split())
+    assert "| steps | random | raster | regions4 | confidence |" in out
+    assert "| real | " in out
 
 
 def test_default_model_is_the_train_yaml_recipe(monkeypatch, tmp_path):
@@ -136,8 +149,10 @@ def test_yaml_mirrors_the_dataclass():
 
 
 @pytest.mark.parametrize("overrides, name", [
-    (dict(samples=1), "samples"), (dict(steps=[0]), "steps"), (dict(steps=[]), "steps"),
-    (dict(orders=["spiral"]), "orders"), (dict(checkpoint="nope.safetensors"), "checkpoint"),
+    (dict(samples=3), "samples"), (dict(steps=[0]), "steps"), (dict(steps=[]), "steps"),
+    (dict(strategies={"mine": {"order": "spiral"}}), "strategies.mine: order"),
+    (dict(strategies={"mine": {"colour": 1}}), "strategies.mine: unknown sampling options"),
+    (dict(grid_strategies=["best"]), "grid_strategies"), (dict(checkpoint="nope.safetensors"), "checkpoint"),
     (dict(batch_size=0), "batch_size"), (dict(weights="best"), "weights"),
 ])
 def test_bad_settings_name_the_parameter(overrides, name):

@@ -37,7 +37,7 @@ def model():
     return model.eval()
 
 
-def _slot_ids(slots, logits):
+def _slot_ids(step, slots, logits):
     """A `choose` that returns each decode slot's own index, so the output shows where slot k went."""
     return torch.arange(slots.start, slots.stop).expand(logits.shape[0], -1)
 
@@ -48,9 +48,9 @@ class _Recorder:
     def __init__(self, choose):
         self.choose, self.logits = choose, []
 
-    def __call__(self, slots, logits):
+    def __call__(self, step, slots, logits):
         self.logits.append(logits.clone())
-        return self.choose(slots, logits)
+        return self.choose(step, slots, logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _golden_run(golden_model, arpg_golden, **runtime):
     B = arpg_golden["labels"].shape[0]
     plan = DecodePlan(arpg_golden["gen_order"].expand(B, -1), tuple(arpg_golden["num_pred_per_step"]))
     fixed = arpg_golden["gen_fixed_tokens"]
-    recorder = _Recorder(lambda slots, logits: fixed[:, slots])
+    recorder = _Recorder(lambda step, slots, logits: fixed[:, slots])
     options = SamplingOptions(cfg=kwargs["guidance_scale"], cfg_schedule=kwargs["cfg_schedule"], **runtime)
     out = decode_grid(golden_model, arpg_golden["labels"], plan, recorder, options)
     return out, recorder.logits
@@ -111,7 +111,7 @@ def test_causal_within_step_gives_the_training_forward_at_each_steps_first_slot(
     sizes = tuple(arpg_golden["num_pred_per_step"])
     order = arpg_golden["gen_order"].expand(B, -1)
     fixed = arpg_golden["gen_fixed_tokens"]
-    recorder = _Recorder(lambda slots, logits: fixed[:, slots])
+    recorder = _Recorder(lambda step, slots, logits: fixed[:, slots])
     decode_grid(golden_model, arpg_golden["labels"], DecodePlan(order, sizes), recorder,
                 SamplingOptions(cfg=None, causal_within_step=causal))
     forward, _ = golden_model(arpg_golden["generate_output"], arpg_golden["labels"], order)
@@ -150,7 +150,7 @@ def test_cached_logits_equal_full_recomputation(model, causal, num_context):
                    context_rope=model.position_rope(context_pos)) if num_context else {}
     runs = []
     for use_cache in (True, False):
-        recorder = _Recorder(lambda slots, logits: torch.randint(0, 16, logits.shape[:2],
+        recorder = _Recorder(lambda step, slots, logits: torch.randint(0, 16, logits.shape[:2],
                                                                  generator=torch.Generator().manual_seed(slots.start)))
         sizes = decode_schedule(N, 4, "cosine")
         options = SamplingOptions(cfg=2.0, causal_within_step=causal, use_cache=use_cache)
@@ -259,7 +259,7 @@ def test_bf16_decode_matches_float32_within_rounding(golden_model, arpg_golden):
     fixed = arpg_golden["gen_fixed_tokens"]
     runs = []
     for amp in (False, True):
-        recorder = _Recorder(lambda slots, logits: fixed[:, slots])
+        recorder = _Recorder(lambda step, slots, logits: fixed[:, slots])
         decode_grid(golden_model, arpg_golden["labels"], plan, recorder, SamplingOptions(cfg=None, amp=amp))
         runs.append(recorder.logits)
     compared = 0
@@ -295,7 +295,7 @@ def test_raster_order_one_token_per_step_is_classic_ar(model):
     # logits for position k on the decoded image (class token and tokens 0..k-1 seen).
     plan = make_plan("raster", 2, GRID, GRID, T, "arccos")
     assert plan.tokens_per_step == (1,) * T
-    recorder = _Recorder(lambda slots, logits: logits.argmax(-1))
+    recorder = _Recorder(lambda step, slots, logits: logits.argmax(-1))
     out = decode_grid(model, torch.tensor([0, 1]), plan, recorder, SamplingOptions(cfg=None))
     forward, _ = model(out.flatten(1), torch.tensor([0, 1]), order=plan.order)
     torch.testing.assert_close(torch.cat(recorder.logits, dim=1), forward, atol=1e-5, rtol=0)
@@ -337,7 +337,7 @@ def test_draw_tokens_matches_distribution_and_skips_zero_probability():
 def test_temperature_zero_is_greedy(model):
     greedy = TokenSampler(torch.rand(2, 8), temperature=0.0)
     logits = torch.randn(2, 3, 16)
-    assert torch.equal(greedy(slice(0, 3), logits), logits.argmax(-1))
+    assert torch.equal(greedy(0, slice(0, 3), logits), logits.argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,9 +569,9 @@ class _GuidedRecorder(TokenSampler):
 
     seen: list = []
 
-    def __call__(self, slots, logits):
+    def __call__(self, step, slots, logits):
         _GuidedRecorder.seen.append(logits.clone())
-        return super().__call__(slots, logits)
+        return super().__call__(step, slots, logits)
 
 
 def _assert_linear_ramp(raw, guided, sizes, known, total, cfg, batch):
@@ -596,7 +596,7 @@ def test_generate_applies_the_linear_guidance_ramp_at_every_step(model, monkeypa
 def test_inpaint_counts_the_known_tokens_in_the_linear_ramp(model, monkeypatch):
     raw, _GuidedRecorder.seen = [], []
     monkeypatch.setattr(sample.editing, "ARPGDecoder", _recording_engines(raw)(ARPGDecoder))
-    monkeypatch.setattr(sample.editing, "TokenSampler", _GuidedRecorder)
+    monkeypatch.setattr(sample.decode, "TokenSampler", _GuidedRecorder)  # token_sampler builds it
     tokens = torch.randint(0, 16, (2, GRID, GRID), generator=torch.Generator().manual_seed(0))
     keep = torch.zeros(GRID, GRID, dtype=torch.bool)
     keep[:, :1] = True  # 4 known tokens, 12 to decode

@@ -367,8 +367,9 @@ class ARPG(GridGenerator):
         blocks = weights.cross_blocks if weights is not None else (None,) * len(self.layers.cross_dec)
         for block, block_weights in zip(self.layers.cross_dec, blocks):
             queries = block(queries, shared_k, shared_v, rope, is_causal, attn_mask, weights=block_weights)
-        norm, head = (self.norm.weight, self.head.weight) if weights is None else (weights.norm, weights.head)
-        return F.linear(rms_norm(queries, norm, self.config.norm_eps), head).float()
+        if weights is None:  # module calls: under FSDP2 a wrapped module unshards its weight on call
+            return self.head(self.norm(queries)).float()
+        return F.linear(rms_norm(queries, weights.norm, self.config.norm_eps), weights.head).float()
 
     @torch.compiler.disable
     def check_inputs(self, tokens: Tensor, labels: Tensor, order: Optional[Tensor] = None,
@@ -575,18 +576,30 @@ class ARPGDecoder:
         static: fixed-shape steps: attention over the whole preallocated cache under a validity
             mask, fed tokens and queries padded to `query_bucket` sizes. Same tokens as the
             dynamic steps; it exists so a compiled step replays without recompiling.
+        query_open: every step queries all N - start targets not yet fed (its own first), and a
+            position selector picks which of them the step commits (see `reorder_open`). Not
+            with `static` (the number of open targets shrinks every step).
+
+    With `query_open`, the decode order is not fixed up front: after step s the caller passes
+    `reorder_open` the arrangement of the open targets that puts the committed ones first, and
+    step s + 1 feeds those (the cache stays incremental; only the guided half runs for the
+    queries that are not committed).
     """
 
     def __init__(self, model: ARPG, conditions: Tensor, target_rope: Tensor, tokens_per_step: Sequence[int],
                  context_ids: Optional[Tensor] = None, context_rope: Optional[Tensor] = None,
                  causal_within_step: bool = False, use_cache: bool = True, compile: bool = False,
-                 cache_dtype: Optional[torch.dtype] = None, static: bool = False):
+                 cache_dtype: Optional[torch.dtype] = None, static: bool = False, query_open: bool = False):
+        require(not (static and query_open), "static=True decodes a fixed plan of positions; confidence-guided "
+                                             "positions query every open position: set static=False with them")
         rows, device = conditions.shape[0], conditions.device
-        self.model, self.causal = model, causal_within_step
+        self.model, self.causal, self.query_open = model, causal_within_step, query_open
         self.tokens_per_step = list(tokens_per_step)
         self.ends = [sum(tokens_per_step[:i + 1]) for i in range(len(tokens_per_step))]
         self.step = 0
         target_rope = _batch_rope(target_rope, rows)
+        if query_open:  # rearranged in place by reorder_open: an own copy, not a broadcast view
+            target_rope = target_rope.clone()
         prefill = [(model.class_ids(conditions)[:, None], model.class_rope(rows, device))]
         if context_ids is not None and context_ids.shape[1]:
             prefill.append((context_ids, _batch_rope(context_rope, rows)))
@@ -643,11 +656,22 @@ class ARPGDecoder:
                                      targets.slice(first, first + query_bucket(m)), keys[None, :] < written))
         return steps
 
+    def reorder_open(self, order: Tensor) -> None:
+        """Rearrange the open targets of the step just run (slots start..N): slot start + i takes
+        the target at start + order[:, i]. order (B, N - start) is given for the B samples and
+        applies to their guidance rows too. Call it between steps, with `query_open`."""
+        start = self.ends[self.step - 2] if self.step > 1 else 0
+        table = self.targets.turns if self.cache is not None else self.target_rope  # (rows, N, D/2[, 2])
+        index = order.repeat(table.shape[0] // order.shape[0], 1)  # (rows, N - start)
+        open_targets = table[:, start:]
+        index = index.view(*index.shape, *(1,) * (table.ndim - 2)).expand_as(open_targets)
+        table[:, start:] = open_targets.gather(1, index)
+
     def __call__(self, fed: Optional[Tensor]) -> Tensor:
         step = self.step
         self.step += 1
         start = self.ends[step - 1] if step else 0
-        end = self.ends[step]
+        end = None if self.query_open else self.ends[step]  # query_open: every open target
         if self.static_steps is not None:
             plan = self.static_steps[step]
             if self.graphs:  # a new iteration: the previous step's graph outputs are consumed
@@ -663,6 +687,7 @@ class ARPGDecoder:
             return self.step_fn(self.model, self.cache, fed, fed_rope, self.targets.slice(start, end), self.causal)
         if fed is not None:
             self.ids[:, self.length:self.length + fed.shape[1]] = fed
+            self.rope[:, self.length:self.length + fed.shape[1]] = self.target_rope[:, before:start]  # maybe reordered
             self.length += fed.shape[1]
         L = self.length
         k, v = self.model.content_kv(self.ids[:, :L], self.rope[:, :L], is_causal=False,

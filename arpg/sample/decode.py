@@ -17,7 +17,10 @@ How one decode runs (`decode`):
 * Classifier-free guidance runs the conditional and the unconditional rows as one doubled batch
   and mixes their logits as uncond + scale * (cond - uncond).
 * The tokens are chosen by a `TokenSampler` (arpg.sample.draw) with uniforms drawn once per call:
-  per generator part, the order, then one uniform per canvas position.
+  per generator part, the order, then one uniform per canvas position (then, for a position
+  selector, one per step and canvas position).
+* A position selector (`SamplingOptions.positions`, arpg.sample.positions) varies the plan: each
+  step queries every open position and commits the step's count of them, chosen after the logits.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ from arpg.orders import SCHEDULES, DecodePlan, DecodeRules, make_plan
 from arpg.runtime import use_bf16
 from arpg.sample.draw import TokenSampler
 from arpg.sample.options import SamplingOptions, resolve_options
+from arpg.sample.positions import PositionSelector, position_selector
 
-# choose(slots, logits): the tokens (B, n) for decode slots `slots` given their guided float32
-# logits (B, n, V), which it may overwrite. `TokenSampler` is the one used for sampling; the golden
-# tests plug in the reference's fixed tokens.
-Choose = Callable[[slice, Tensor], Tensor]
+# choose(step, slots, logits): the tokens (B, n) for the targets `slots` of step `step` given their
+# guided float32 logits (B, n, V), which it may overwrite; `slots` is a slice of the N targets, or
+# (B, n) target indices when a position selector queries the open ones. `TokenSampler` is the one
+# used for sampling; the golden tests plug in the reference's fixed tokens.
+Choose = Callable[[int, slice | Tensor, Tensor], Tensor]
 # StepEngine(fed): the float32 logits (rows, n, V) of the next step's positions, given the tokens
-# (rows, m) chosen at the previous step (None at the first step).
+# (rows, m) chosen at the previous step (None at the first step). Built with `query_open`, it
+# returns the logits of all open positions and has `reorder_open` (see ARPGDecoder).
 StepEngine = Callable[[Optional[Tensor]], Tensor]
 Generators = Optional[torch.Generator | Sequence[torch.Generator]]
 
@@ -68,20 +74,13 @@ def draw_uniforms(parts: list[tuple[int, Optional[torch.Generator]]], num: int, 
 
 def cfg_scales(options: SamplingOptions, tokens_per_step: Sequence[int], known: int, total: int
                ) -> Optional[list[float]]:
-    """Guidance scale of each step, or None when there is no guidance.
-
-    "linear" (published ARPG) ramps 1 + (cfg - 1) * (tokens determined after this step) / total;
-    with `known` context tokens (editing) those count as determined from the start.
+    """Guidance scale of each step (`SamplingOptions.cfg_schedule`), or None when there is no
+    guidance. "linear" (published ARPG) ramps 1 + (cfg - 1) * (tokens determined after this step) /
+    total; with `known` context tokens (editing) those count as determined from the start.
     """
     if not options.guided:
         return None
-    if options.cfg_schedule == "constant":
-        return [float(options.cfg)] * len(tokens_per_step)
-    scales, done = [], known
-    for n in tokens_per_step:
-        done += n
-        scales.append(1.0 + (options.cfg - 1.0) * done / total)
-    return scales
+    return options.ramp("cfg", tokens_per_step, known, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,24 +90,31 @@ def cfg_scales(options: SamplingOptions, tokens_per_step: Sequence[int], known: 
 @torch.no_grad()
 def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, torch.dtype], StepEngine],
            tokens_per_step: Sequence[int], choose: Choose, scales: Optional[Sequence[float]],
-           options: SamplingOptions, progress: bool = False) -> Tensor:
-    """Decode N = sum(tokens_per_step) tokens for each of B samples -> (B, N) in decode-slot order.
+           options: SamplingOptions, progress: bool = False, select: Optional[PositionSelector] = None
+           ) -> Tensor:
+    """Decode N = sum(tokens_per_step) targets for each of B samples -> tokens (B, N), one per target
+    (the engine's targets, in the plan's order).
 
     Args:
         conditions: (B,) the samples' conditions (class labels).
         make_engine: (row conditions (rows,), cache dtype) -> the model's step engine; rows = 2B
-            with guidance (conditional rows, then unconditional ones), else B.
-        tokens_per_step: how many slots each step predicts.
+            with guidance (conditional rows, then unconditional ones), else B. Built with
+            `query_open` when `select` is given.
+        tokens_per_step: how many targets each step commits.
         choose: picks the tokens of each step from the guided logits (see `Choose`).
         scales: guidance scale per step (`cfg_scales`), or None for no guidance.
         options: its `amp` decides bf16 (autocast, bf16 cache and decode weights) on any device
             (`arpg.runtime.use_bf16`: by default where bf16 matmuls are fast).
+        select: a position selector (arpg.sample.positions): each step then draws a token for every
+            open target and commits the ones `select` puts first; None commits the plan's.
     """
     B, N, device = conditions.shape[0], sum(tokens_per_step), conditions.device
     guided = scales is not None
     if guided:
         conditions = torch.cat([conditions, model.condition.unconditional(conditions)])
     chosen = torch.empty(conditions.shape[0], N, dtype=torch.long, device=device)  # both halves feed the same
+    # decode slot -> target; a selector rearranges the open slots after each step
+    arrangement = torch.arange(N, device=device).repeat(B, 1) if select is not None else None
     use_amp = use_bf16(options.amp, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         engine = make_engine(conditions, torch.bfloat16 if use_amp else next(model.parameters()).dtype)
@@ -119,13 +125,23 @@ def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, 
             logits = engine(fed)  # (rows, n, V) float32
             if guided:  # uncond + (cond - uncond) * scale, in place in the cond rows
                 logits = logits[:B].sub_(logits[B:]).mul_(scales[step]).add_(logits[B:])
-            tokens = choose(slice(start, end), logits)  # (B, n)
+            if select is None:
+                tokens = choose(step, slice(start, end), logits)  # (B, n)
+            else:
+                open_targets = arrangement[:, start:]  # (B, N - start)
+                drawn = choose(step, open_targets, logits.clone())  # a token for every open target
+                order = select(step, n, open_targets, logits, drawn)  # (B, N - start), committed first
+                arrangement[:, start:] = open_targets.gather(1, order)
+                tokens = drawn.gather(1, order[:, :n])
+                engine.reorder_open(order)
             chosen[:B, start:end] = tokens
             if guided:
                 chosen[B:, start:end] = tokens
             fed = chosen[:, start:end]
             start = end
-    return chosen[:B]
+    if arrangement is None:
+        return chosen[:B]
+    return torch.empty_like(chosen[:B]).scatter_(1, arrangement, chosen[:B])
 
 
 def resolve_decoding(rules: DecodeRules, options: SamplingOptions) -> tuple[Any, Optional[int], Any]:
@@ -199,25 +215,45 @@ def generate(model: nn.Module, labels: Sequence[int] | Tensor, options: Optional
     parts = split_generators(generator, B)
     plan = decode_plan(model, options, B, parts, device)
     uniforms = draw_uniforms(parts, h * w, device).gather(1, plan.order)  # one per position, in decode order
-    sampler = TokenSampler(uniforms, options.temperature, options.top_k, options.top_p)
-    tokens = decode_grid(model, labels, plan, sampler, options, progress)
+    sampler = token_sampler(options, uniforms, plan.tokens_per_step, known=0, total=h * w)
+    select = None
+    if options.positions != "plan":
+        noise = draw_uniforms(parts, plan.num_steps * h * w, device).view(B, plan.num_steps, h * w)
+        select = position_selector(options, plan.tokens_per_step, 0, h * w,
+                                   noise.gather(2, plan.order[:, None].expand_as(noise)))
+    tokens = decode_grid(model, labels, plan, sampler, options, progress, select)
     return tokenizer.decode(tokens) if tokenizer is not None else tokens
 
 
+def token_sampler(options: SamplingOptions, uniforms: Tensor, tokens_per_step: Sequence[int], known: int,
+                  total: int) -> TokenSampler:
+    """The `TokenSampler` of `options`, with uniforms (B, N) per target and the temperature of each
+    step (`temperature_schedule`)."""
+    temperature = options.temperature
+    if options.temperature_schedule != "constant":
+        temperature = tuple(options.ramp("temperature", tokens_per_step, known, total))
+    return TokenSampler(uniforms, temperature, options.top_k, options.top_p)
+
+
 def decode_grid(model: nn.Module, labels: Tensor, plan: DecodePlan, choose: Choose, options: SamplingOptions,
-                progress: bool = False) -> Tensor:
-    """Decode whole grids along `plan`, choosing each step's tokens with `choose` -> (B, h, w) in
-    raster order. (`generate` with the token draw made explicit; tests plug in fixed tokens.)"""
+                progress: bool = False, select: Optional[PositionSelector] = None) -> Tensor:
+    """Decode whole grids along `plan`, choosing each step's tokens with `choose` (and positions
+    with `select`, see `decode`) -> (B, h, w) in raster order. (`generate` with the draws made
+    explicit; tests plug in fixed tokens.)"""
     h, w = model.grid
+    require(select is None or not model.decode_rules.fixed,
+            f"positions: {type(model).__name__} decodes only along its own sequence; use positions='plan'")
     runtime = dict(causal_within_step=options.causal_within_step, use_cache=options.use_cache,
                    compile=options.compile, static=options.static)
+    if select is not None:
+        runtime["query_open"] = True
 
     def make_engine(conditions: Tensor, cache_dtype: torch.dtype) -> StepEngine:
         return model.decoder(conditions, plan.order, plan.tokens_per_step, (h, w), cache_dtype=cache_dtype, **runtime)
 
     scales = cfg_scales(options, plan.tokens_per_step, known=0, total=h * w)
-    in_order = decode(model, labels, make_engine, plan.tokens_per_step, choose, scales, options, progress)
-    return torch.empty_like(in_order).scatter_(1, plan.order, in_order).view(-1, h, w)
+    per_target = decode(model, labels, make_engine, plan.tokens_per_step, choose, scales, options, progress, select)
+    return torch.empty_like(per_target).scatter_(1, plan.order, per_target).view(-1, h, w)
 
 
 def check_tokenizer(model: nn.Module, tokenizer: Any) -> None:

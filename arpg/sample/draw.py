@@ -7,6 +7,7 @@ per sample, a batch reproduces its single-sample runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,20 +52,23 @@ def draw_tokens(logits: Tensor, uniforms: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class TokenSampler:
     """Chooses the tokens of a decode step: temperature, top-k, top-p, then a draw with the
-    uniforms of the step's slots. Temperature 0 is greedy (argmax).
+    uniforms of the step's targets. Temperature 0 is greedy (argmax).
 
-    Called as `sampler(slots, logits)` with `slots` the decode slots of the step (a slice of the
-    N slots) and `logits` (B, n, V) float32, which it may overwrite; returns tokens (B, n).
+    Called as `sampler(step, slots, logits)` with `slots` the step's targets (a slice of the N
+    targets, or (B, n) target indices) and `logits` (B, n, V) float32, which it may overwrite;
+    returns tokens (B, n).
     """
 
-    uniforms: Tensor  # (B, N) one per decode slot, drawn up front
-    temperature: float = 1.0
+    uniforms: Tensor  # (B, N) one per target, drawn up front
+    temperature: float | Sequence[float] = 1.0  # one for every step, or one per step
     top_k: int = 0
     top_p: float = 1.0
 
-    def __call__(self, slots: slice, logits: Tensor) -> Tensor:
-        if self.temperature == 0:
+    def __call__(self, step: int, slots: slice | Tensor, logits: Tensor) -> Tensor:
+        temperature = self.temperature if isinstance(self.temperature, (int, float)) else self.temperature[step]
+        if temperature == 0:
             return logits.argmax(dim=-1)
-        if self.temperature != 1.0:
-            logits = logits.div_(self.temperature)
-        return draw_tokens(filter_logits(logits, self.top_k, self.top_p), self.uniforms[:, slots])
+        if temperature != 1.0:
+            logits = logits.div_(temperature)
+        uniforms = self.uniforms[:, slots] if isinstance(slots, slice) else self.uniforms.gather(1, slots)
+        return draw_tokens(filter_logits(logits, self.top_k, self.top_p), uniforms)

@@ -17,11 +17,11 @@ from torch import Tensor
 from arpg.errors import require
 from arpg.models.arpg import ARPG, ARPGDecoder
 from arpg.models.layers import rope_2d
-from arpg.orders import decode_schedule, make_order, random_order
+from arpg.orders import SCHEDULE_AWARE_ORDERS, decode_schedule, locality_order, make_order, random_order
 from arpg.sample.decode import (Generators, StepEngine, cfg_scales, check_tokenizer, decode, draw_uniforms,
-                                resolve_decoding, split_generators)
-from arpg.sample.draw import TokenSampler
+                                resolve_decoding, split_generators, token_sampler)
 from arpg.sample.options import SamplingOptions, resolve_options
+from arpg.sample.positions import position_selector
 
 
 def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int] | Tensor,
@@ -72,7 +72,8 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
     require(position_scale > 0, f"position_scale must be > 0, got {position_scale}")
 
     # All randomness up front, per generator part: a random context order, the decode order
-    # (both as ranks over canvas positions) and one uniform per canvas position.
+    # (both as ranks over canvas positions), one uniform per canvas position, and for a position
+    # selector one per step and canvas position.
     parts = split_generators(generator, B)
     context_rank = _ranks(torch.cat([random_order(rows, H * W, g, device) for rows, g in parts]))
     if isinstance(order, Tensor):
@@ -80,6 +81,9 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
     else:
         order_rank = _ranks(torch.cat([make_order(order, rows, H, W, g, device) for rows, g in parts]))
     uniforms = draw_uniforms(parts, H * W, device)
+    num_steps = steps if steps is not None else len(schedule)  # the most any count's decode takes
+    if options.positions != "plan":
+        position_uniforms = draw_uniforms(parts, num_steps * H * W, device).view(B, num_steps, H * W)
     coordinates = torch.arange(H * W, device=device)
     rope = rope_2d((coordinates // W) * position_scale, (coordinates % W) * position_scale,
                    model.config.head_dim, model.config.rope_base)  # (H*W, D/2, 2)
@@ -94,18 +98,25 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
         context_pos = (H * W * (~known[rows]).long() + context_rank[rows]).argsort(dim=1)[:, :K]  # (G, K)
         target_pos = (H * W * known[rows].long() + order_rank[rows]).argsort(dim=1)[:, :N]  # (G, N)
         tokens_per_step = decode_schedule(N, min(steps, N) if steps is not None else None, schedule)
+        if isinstance(order, str) and order in SCHEDULE_AWARE_ORDERS:  # spread around the known tokens
+            target_pos = locality_order(order_rank[rows].argsort(dim=1), H, W, tokens_per_step, known[rows])
         context_ids = tokens[rows].gather(1, context_pos)
+        select = None
+        if options.positions != "plan":  # the selector only ever sees the unknown positions
+            noise = position_uniforms[rows].gather(2, target_pos[:, None].expand(-1, num_steps, -1))
+            select = position_selector(options, tokens_per_step, K, H * W, noise)
 
         def make_engine(conditions: Tensor, cache_dtype: torch.dtype) -> StepEngine:
             repeat = conditions.shape[0] // context_ids.shape[0]  # 2 with guidance: the same context
             return ARPGDecoder(model, conditions, rope[target_pos], tokens_per_step,
                                context_ids=context_ids.repeat(repeat, 1), context_rope=rope[context_pos],
                                causal_within_step=options.causal_within_step, use_cache=options.use_cache,
-                               compile=options.compile, static=options.static, cache_dtype=cache_dtype)
+                               compile=options.compile, static=options.static, cache_dtype=cache_dtype,
+                               query_open=select is not None)
 
-        sampler = TokenSampler(uniforms[rows].gather(1, target_pos), options.temperature, options.top_k, options.top_p)
+        sampler = token_sampler(options, uniforms[rows].gather(1, target_pos), tokens_per_step, K, H * W)
         scales = cfg_scales(options, tokens_per_step, known=K, total=H * W)
-        new = decode(model, labels[rows], make_engine, tokens_per_step, sampler, scales, options, progress)
+        new = decode(model, labels[rows], make_engine, tokens_per_step, sampler, scales, options, progress, select)
         tokens[rows] = tokens[rows].scatter(1, target_pos, new)
     tokens = tokens.view(B, H, W)
     return tokenizer.decode(tokens) if tokenizer is not None else tokens

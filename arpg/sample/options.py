@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from torch import Tensor
@@ -15,7 +16,17 @@ from torch import Tensor
 from arpg.errors import require
 from arpg.orders import ORDERS, SCHEDULES
 
-CFG_SCHEDULES = ("constant", "linear")
+# How a per-step setting (guidance scale, temperature) moves over a decode, from its `value` and
+# the number of tokens `determined` (known or decoded) after the step, out of `total`.
+RAMPS: dict[str, Callable[[float, int, int], float]] = {
+    "constant": lambda value, determined, total: value,
+    # published ARPG guidance: from about 1 at the first step up to `value` at the last
+    "linear": lambda value, determined, total: 1.0 + (value - 1.0) * determined / total,
+    # the reverse: `value` at the start, 1 at the last step
+    "falling": lambda value, determined, total: 1.0 + (value - 1.0) * (total - determined) / total,
+}
+CFG_SCHEDULES = tuple(RAMPS)
+POSITION_RULES = ("plan", "confidence")
 
 
 @dataclass
@@ -27,15 +38,19 @@ class SamplingOptions:
 
     Attributes:
         steps: decoding steps, in [1, T] for T tokens per image.
-        schedule: tokens per step: "arccos" (published ARPG), "cosine", "linear", "regions" (the
-            natural schedule of a regions order: n single tokens, then n per step; of raster: one
-            token per step), or an explicit list of ints summing to T.
+        schedule: tokens per step: "arccos" (published ARPG), "cosine", "linear", "square" or
+            "cube" (ours: small first steps, then growing; see `arpg.orders.decode_schedule`),
+            "regions" (the natural schedule of a regions order), or a list of ints summing to T.
         order: "random" (a permutation per sample), "random_shared", "raster", "regions4",
-            "regions16", or (from Python) a permutation tensor (T,) or (B, T).
+            "regions16", "halton" (low-discrepancy: every prefix covers the grid evenly),
+            "locality" (each step's positions apart from each other and next to the decoded
+            ones), or (from Python) a permutation tensor (T,) or (B, T).
         cfg: classifier-free guidance scale; None or 1 turn guidance off (no doubled batch);
             0 samples the unconditional rows alone. Logits are uncond + s * (cond - uncond).
-        cfg_schedule: "constant" (s = cfg) or "linear" (s = 1 + (cfg - 1) * determined / T, where
-            determined counts the known and decoded tokens after the step; published ARPG).
+        cfg_schedule: how the scale moves over the decode (`RAMPS`), with determined = the known
+            and decoded tokens after the step, out of T: "constant" (s = cfg), "linear"
+            (s = 1 + (cfg - 1) * determined / T; published ARPG) or "falling"
+            (s = 1 + (cfg - 1) * (T - determined) / T: strong early, none at the last step).
         temperature: logits are divided by it; 0 is greedy decoding.
         top_k, top_p: logit filters (see `arpg.sample.draw.filter_logits`); 0 and 1 disable them.
         causal_within_step: tokens fed in one step attend causally (training-like) instead of
@@ -52,6 +67,20 @@ class SamplingOptions:
             validity mask, tokens and queries padded to powers of two), so that with `compile` the
             step compiles once per bucket and replays as a CUDA graph on CUDA. Same tokens as the
             default dynamic steps; on its own (eager) it is slower. ARPG only.
+
+    Decoding strategies (any ARPG checkpoint, no retraining; `docs/bench_quality.png` compares them):
+        positions: which positions a step commits. "plan": the next ones of the order (published).
+            "confidence": every step queries all positions not yet decoded (the guided half only,
+            against the same cache), draws a token for each, and commits the step's count of them
+            with the highest log-probability of their drawn token (under the guided logits, before
+            temperature) plus `position_noise` times Gumbel noise; the order then only breaks
+            ties. Costs one query per open position per step. ARPG only.
+        position_noise: scale of the Gumbel noise added to the confidences (0: the most confident
+            positions; larger: positions sampled more freely by confidence), multiplied by the
+            fraction of tokens still undetermined before the step (annealed to 0).
+        temperature_schedule: how the temperature moves over the decode, like `cfg_schedule`
+            (`RAMPS`, with the temperature as value): "constant", "linear" (from about 1 to
+            `temperature`) or "falling" (from `temperature` to 1).
     """
 
     steps: Optional[int] = None
@@ -67,6 +96,10 @@ class SamplingOptions:
     amp: Optional[bool] = None
     compile: bool = False
     static: bool = False
+    # decoding strategies (see the docstring)
+    positions: str = "plan"
+    position_noise: float = 0.0
+    temperature_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         require(self.steps is None or (isinstance(self.steps, int) and not isinstance(self.steps, bool)
@@ -85,6 +118,26 @@ class SamplingOptions:
         require(self.amp is None or isinstance(self.amp, bool),
                 f"amp must be true, false or null (bf16 where it is fast), got {self.amp!r}")
         require(isinstance(self.static, bool), f"static must be true or false, got {self.static!r}")
+        require(self.positions in POSITION_RULES, f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
+        require(not (self.static and self.positions == "confidence"),
+                "static=true decodes a fixed plan of positions; positions=confidence queries every open "
+                "position (shapes change each step): set static=false with it")
+        require(self.position_noise >= 0, f"position_noise must be >= 0, got {self.position_noise}")
+        require(self.temperature_schedule in RAMPS,
+                f"temperature_schedule must be one of {tuple(RAMPS)}, got {self.temperature_schedule!r}")
+        require(self.temperature_schedule == "constant" or self.temperature > 0,
+                f"temperature must be > 0 with temperature_schedule={self.temperature_schedule!r}, "
+                f"got {self.temperature}")
+
+    def ramp(self, name: str, tokens_per_step: Sequence[int], known: int, total: int) -> list[float]:
+        """Per-step values of the ramped setting `name` ("cfg" or "temperature") over a decode of
+        `tokens_per_step` after `known` context tokens, out of `total` (see `RAMPS`)."""
+        ramp, value = RAMPS[getattr(self, f"{name}_schedule")], float(getattr(self, name))
+        values, determined = [], known
+        for n in tokens_per_step:
+            determined += n
+            values.append(ramp(value, determined, total))
+        return values
 
     @property
     def guided(self) -> bool:

@@ -53,6 +53,7 @@ class ModelSettings:
     n_head: Optional[int] = None
     multiple_of: Optional[int] = None  # the SwiGLU width is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
+    rope_base: Optional[float] = None  # 2-D RoPE base; small grids resolve positions better with a small one
     token_dropout_p: float = 0.1
     attn_dropout_p: float = 0.0
     resid_dropout_p: float = 0.1

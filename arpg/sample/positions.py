@@ -1,0 +1,64 @@
+"""Position selectors: which of the queried positions a decode step commits.
+
+With a fixed plan (`SamplingOptions.positions="plan"`) step s commits the next positions of the
+order and no selector runs. With a selector the step engine queries every position not yet
+decoded, the loop (`arpg.sample.decode.decode`) draws a token for each, and the selector returns
+the open positions rearranged so that the ones to commit come first; the engine feeds those at the
+next step, and the rest stay open. The number committed per step is still the plan's, so the
+loop never reads a value back from the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+import torch
+from torch import Tensor
+
+from arpg.sample.options import SamplingOptions
+
+# select(step, n, open_targets, logits, tokens) -> order: see `ConfidenceSelector`.
+PositionSelector = Callable[[int, int, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ConfidenceSelector:
+    """Commits the open positions whose drawn token the model is most sure of.
+
+    score = log p(drawn token) + noise_scales[step] * Gumbel noise, p being the softmax of the
+    guided logits. With noise, the n committed positions are a draw without replacement with
+    weights p(token)^(1 / scale) (the Gumbel-top-k trick); without, the n most confident ones.
+
+    Called as `selector(step, n, open_targets, logits, tokens)` with open_targets (B, M) the
+    targets still open (indices into the decode's N targets), logits (B, M, V) their guided
+    float32 logits and tokens (B, M) the tokens drawn for them; returns order (B, M), a
+    permutation of 0..M-1 per sample whose first n entries are the positions to commit.
+    """
+
+    gumbel: Tensor  # (B, S, N) Gumbel noise per step and target, drawn up front
+    noise_scales: tuple[float, ...]  # (S,)
+
+    def __call__(self, step: int, n: int, open_targets: Tensor, logits: Tensor, tokens: Tensor) -> Tensor:
+        log_p = logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)  # (B, M)
+        if self.noise_scales[step] > 0:
+            log_p = log_p + self.noise_scales[step] * self.gumbel[:, step].gather(1, open_targets)
+        # stable: equal scores keep the plan's order, on any device and batch size
+        return log_p.argsort(dim=1, descending=True, stable=True)
+
+
+def position_selector(options: SamplingOptions, tokens_per_step: Sequence[int], known: int, total: int,
+                      uniforms: Tensor) -> ConfidenceSelector:
+    """The selector `options.positions` asks for (any but "plan", which needs none).
+
+    Args:
+        tokens_per_step: the decode's step sizes.
+        known, total: context tokens and all tokens of the canvas (the noise anneals with the
+            fraction still undetermined before each step).
+        uniforms: (B, S, N) uniforms in (0, 1) for the noise, S >= the number of steps.
+    """
+    scales, undetermined = [], total - known
+    for n in tokens_per_step:
+        scales.append(options.position_noise * undetermined / total)
+        undetermined -= n
+    gumbel = -torch.log(-torch.log(uniforms.clamp(min=torch.finfo(uniforms.dtype).tiny)))
+    return ConfidenceSelector(gumbel, tuple(scales))
