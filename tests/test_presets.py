@@ -91,6 +91,12 @@ def test_readme_fid_commands_resolve_to_the_presets(published):
         assert len(presets) == 1, f"README FID command without a preset: {overrides}"
         preset = presets[0]
         system, model = PRESETS[preset]
+        changed = dict(o.split("=", 1) for o in overrides if o.startswith("sampling."))
+        if changed:  # an experiment on top of a preset: it claims no FID, and its settings win over the preset's
+            assert "FID" not in comment, f"a README command that changes the preset's sampling states a FID: {overrides}"
+            sampling = compose_config("sample_fid", SampleFIDConfig, overrides).sampling
+            assert {key: str(getattr(sampling, key.removeprefix("sampling."))) for key in changed} == changed
+            continue
         # Only where the files are and where the samples go may be added: the sampling is the preset's.
         extra = [o.split("=", 1)[0] for o in overrides if not o.startswith("preset=")]
         assert set(extra) <= {"checkpoint", "vq_ckpt", "output_dir", "batch_size", "device"}, overrides

@@ -56,7 +56,7 @@ class BenchQualityConfig:
     steps: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 64])
     # The table's columns: name -> SamplingOptions fields that differ from `sampling` (each row sets steps).
     strategies: dict[str, dict[str, Any]] = field(default_factory=_default_strategies)
-    # What every strategy starts from (configs/sampling/digits.yaml less its positions): random order,
+    # What every strategy starts from (configs/sampling/digits.yaml, the default run's): random order,
     # the growing "cube" schedule, guidance rising to 3 (published ramp), temperature 1.
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(schedule="cube", cfg=3.0,
                                                                               cfg_schedule="linear"))

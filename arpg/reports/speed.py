@@ -88,8 +88,8 @@ class BenchSampleConfig:
     threads: int = 0  # CPU intra-op threads (0: torch's default)
     device: str = "auto"
     seed: int = 0
-    output: str = "bench_sample.json"
-    plot: str = "bench_sample.png"
+    output: str = "docs/bench_sample.json"
+    plot: str = "docs/bench_sample.png"
 
 
 def _validate(config: BenchSampleConfig) -> None:

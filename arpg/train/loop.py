@@ -371,6 +371,6 @@ def _summary(result: TrainResult, config: TrainConfig) -> str:
     if result.samples:
         parts.append(f"samples {result.samples}")
     if result.digits_accuracy is not None:
-        parts.append(f"digits accuracy {100 * result.digits_accuracy:.1f}% ({config.sample.eval_samples} samples, "
-                     f"{config.sampling})")
+        parts.append(f"digits accuracy {100 * result.digits_accuracy:.1f}% ({config.sample.eval_samples} samples at "
+                     f"temperature {config.sampling.temperature:g}; {config.sampling})")
     return "; ".join(parts)
