@@ -38,6 +38,8 @@ def test_a_user_error_is_one_line_and_leaves_nothing_behind(capsys, tmp_path, mo
     assert capsys.readouterr().err.startswith("error: checkpoint not found: missing.safetensors")
     assert run_script("sample", "checkpoint=missing.safetensors", "classes=[]") == 1
     assert capsys.readouterr().err.startswith("error: classes must list at least one class id, got []")
+    assert run_script("sample", "checkpoint=missing.safetensors", "token_grid=0") == 1
+    assert capsys.readouterr().err.startswith("error: token_grid must be >= 1 or null, got 0")
     # A text file given as the checkpoint to resume: the file named, nothing left behind.
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     assert run_script("train", f"resume={tmp_path / 'notes.pt'}", f"out_dir={out_dir}", "sample.per_class=0") == 1

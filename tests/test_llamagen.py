@@ -348,7 +348,7 @@ def test_each_family_trains_with_the_shared_loop(tmp_path, experiment, regions):
 @pytest.mark.parametrize("override, message", [
     ("model.cls_rope=identity", "model.cls_rope does not apply to PAR-tiny"),
     ("order=raster", "order: PAR-tiny trains along its own sequence"),
-    ("sampling.steps=8 sample.eval_samples=10", "sampling.steps: LlamaGen decodes in 19 steps here"),
+    ("sampling.steps=8 sample.eval_samples=10", "sampling.steps: PAR decodes in 19 steps here"),
 ])
 def test_bad_family_settings_fail_before_any_work(tmp_path, override, message):
     config = _train_config(tmp_path, "digits_par", *override.split())

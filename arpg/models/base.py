@@ -84,6 +84,11 @@ class GridGenerator(nn.Module):
         """The token grid (h, w) the model was trained on."""
         return self.config.grid_size, self.config.grid_size
 
+    @property
+    def system(self) -> str:
+        """The name messages use for this model's system (e.g. "ARPG", "LlamaGen", "PAR")."""
+        return type(self).__name__
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

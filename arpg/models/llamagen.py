@@ -234,6 +234,10 @@ class LlamaGen(GridGenerator):
         """Float32 logits (..., vocab_size) of block outputs (..., dim)."""
         return self.output(self.norm(h)).float()
 
+    @property
+    def system(self) -> str:
+        return "PAR" if self.config.regions > 1 else "LlamaGen"
+
     # -- training forward -----------------------------------------------------------------------
 
     def forward(self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None,

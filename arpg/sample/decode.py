@@ -164,7 +164,7 @@ def decode_plan(model: nn.Module, options: SamplingOptions, batch: int,
     h, w = model.grid
     order, steps, schedule = resolve_decoding(rules, options)
     if rules.fixed:
-        name = type(model).__name__
+        name = model.system
         require(options.order is None or (isinstance(options.order, str) and options.order == rules.order),
                 f"order: {name} decodes only in its own order ({rules.order!r}); leave order unset")
         require(options.schedule is None or options.schedule == rules.schedule,
@@ -176,7 +176,7 @@ def decode_plan(model: nn.Module, options: SamplingOptions, batch: int,
         plans = [make_plan(order, rows, h, w, steps, schedule, g, device) for rows, g in parts]
         plan = DecodePlan(torch.cat([p.order for p in plans]), plans[0].tokens_per_step)
     require(not rules.fixed or options.steps is None or options.steps == plan.num_steps,
-            f"steps: {type(model).__name__} decodes in {plan.num_steps} steps here; leave steps unset")
+            f"steps: {model.system} decodes in {plan.num_steps} steps here; leave steps unset")
     return plan
 
 
@@ -242,7 +242,7 @@ def decode_grid(model: nn.Module, labels: Tensor, plan: DecodePlan, choose: Choo
     explicit; tests plug in fixed tokens.)"""
     h, w = model.grid
     require(select is None or not model.decode_rules.fixed,
-            f"positions: {type(model).__name__} decodes only along its own sequence; use positions='plan'")
+            f"positions: {model.system} decodes only along its own sequence; use positions='plan'")
     runtime = dict(causal_within_step=options.causal_within_step, use_cache=options.use_cache,
                    compile=options.compile, static=options.static)
     if select is not None:

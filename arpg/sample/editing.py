@@ -59,7 +59,7 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
     """
     options = resolve_options(options, overrides)
     require(isinstance(model, ARPG), f"model: editing needs an ARPG model (any position can be queried), "
-                                     f"got {type(model).__name__}")
+                                     f"got {model.system}")
     check_tokenizer(model, tokenizer)
     device = model.head.weight.device
     labels = model.condition.check(labels, device=device)

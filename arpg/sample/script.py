@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,6 +24,9 @@ class SampleConfig:
 
     checkpoint: str = "???"  # our .safetensors or a published checkpoint
     weights: str = "default"  # default | model | ema
+    # Tokens per side for checkpoints that do not record their grid (published .pt files): None keeps
+    # 16 (256px); 24 for LlamaGen's *_384.pt and the released PAR models (384px).
+    token_grid: Optional[int] = None
     tokenizer: str = "vq16"  # vq16 (needs vq_ckpt) | pixel_digits (8x8 digits, 17 grey levels)
     vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt when tokenizer=vq16
     classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
@@ -40,9 +44,11 @@ def sample_images(config: SampleConfig) -> Path:
     require(len(config.classes) >= 1, "classes must list at least one class id, got []")
     for name in ("samples_per_class", "nrow", "scale"):
         require(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
+    require(config.token_grid is None or config.token_grid >= 1, f"token_grid must be >= 1 or null, got {config.token_grid}")
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
-    model = load_model(config.checkpoint, weights=config.weights, device=device)
+    grid = {} if config.token_grid is None else {"block_size": config.token_grid ** 2}
+    model = load_model(config.checkpoint, weights=config.weights, device=device, **grid)
     num_classes = model.config.num_classes
     require(all(0 <= c < num_classes for c in config.classes),
             f"classes must be class ids in [0, {num_classes}) for this model, got {config.classes}")
