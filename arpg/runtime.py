@@ -93,4 +93,3 @@ def set_cpu_threads(threads: int) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-

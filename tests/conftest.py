@@ -22,6 +22,17 @@ def data_file(name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors (`pytestmark = pytest.mark.usefixtures(
+    "one_thread")`): more threads only add synchronisation, and far worse when the cores are shared
+    with other processes (OpenMP threads then spin waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def arpg_golden() -> dict:
     return torch.load(data_file("tiny_arpg_golden.pt"), weights_only=True)

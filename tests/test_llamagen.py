@@ -22,17 +22,12 @@ from arpg.sample import SamplingOptions
 from arpg.sample.decode import decode_grid, decode_plan
 from arpg.sample_fid import SampleFIDConfig, image_path, sample_fid
 from arpg.train import TrainConfig, train
+from test_sample import _Recorder  # a `choose` that keeps the guided logits of each step
 
 FAMILY_FILES = ["llamagen", "par"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 @pytest.fixture()
@@ -65,17 +60,6 @@ def _random_model(name: str, seed: int = 0, **overrides) -> LlamaGen:
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.5)
     return model.eval()
-
-
-class _Recorder:
-    """A `choose` that returns fixed tokens (or `choose`'s) and keeps the guided logits of each step."""
-
-    def __init__(self, choose):
-        self.choose, self.logits = choose, []
-
-    def __call__(self, step, slots, logits):
-        self.logits.append(logits.clone())
-        return self.choose(step, slots, logits)
 
 
 # ---------------------------------------------------------------------------------------------

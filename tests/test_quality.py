@@ -18,12 +18,7 @@ from arpg.quality import digits_judge, sample_digits
 from arpg.reports.quality import BenchQualityConfig, bench_quality
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

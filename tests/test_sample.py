@@ -16,14 +16,7 @@ GRID = 4  # the random test model decodes 4x4 grids
 T = GRID * GRID
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (50x slower SDPA calls
-    when the cores are shared), so run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (50x slower SDPA calls on shared cores otherwise)
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add synchronisation. The torchrun workers run with
-    OMP_NUM_THREADS=1 as well, so in-process and multi-process runs do the same arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread in this process, as the torchrun workers (OMP_NUM_THREADS=1): in-process and
+# multi-process runs do the same arithmetic.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

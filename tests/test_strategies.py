@@ -15,7 +15,9 @@ from arpg.sample.positions import position_selector
 
 # The random tiny model of test_sample (every prediction depends on position and context) on its
 # 4x4 grid, single-threaded like there.
-from test_sample import GRID, T, model, one_thread  # noqa: F401 (fixtures, used by name)
+from test_sample import GRID, T, model  # noqa: F401 (a fixture, used by name)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _is_permutation(order, num_tokens):

@@ -39,14 +39,7 @@ SMALL = ["model.dim=32", "model.n_layer=2", "model.n_head=2", "model.multiple_of
          "log_every=1", "tensorboard=false", "sample.per_class=0", "sample.eval_samples=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and far faster when the cores are
-    shared with other processes (OpenMP threads then spin waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 # 2 accumulated micro-batches of 32; the 359 test digits make 5 steps an epoch, so 8 steps cross

@@ -510,16 +510,16 @@ def _reusable_cache(model: ARPG, batch: int, max_len: int, dtype: Optional[torch
     dtype = dtype or model.head.weight.dtype
     pool = model.__dict__.setdefault("_static_decode_caches", {})
     key = (batch, max_len, dtype, model.head.weight.device)
-    cache = pool.get(key)
+    cache, version = pool.get(key), _parameter_version(model)
     if cache is None:
         cache = pool[key] = model.new_cache(batch, max_len=max_len, dtype=dtype)
         for tensor in cache.tensors():
             torch._dynamo.mark_static_address(tensor)
-    elif cache.version != _parameter_version(model):
+    elif cache.version != version:
         with torch.no_grad():
             for kept, fresh in zip(_leaves(cache.weights), _leaves(model.decode_weights(dtype))):
                 kept.copy_(fresh)
-    cache.version, cache.length = _parameter_version(model), 0
+    cache.version, cache.length = version, 0
     return cache
 
 
