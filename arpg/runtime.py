@@ -55,29 +55,63 @@ def worker_count(requested: Optional[int], what: str = "num_workers") -> int:
     return requested
 
 
+# "1" or "0": act as a CPU with (or without) fast bf16 instead of probing the real one. The test
+# suite sets it so that one machine runs what the other kind of CPU would (`tests/conftest.py`).
+CPU_BF16_ENV = "ARPG_CPU_FAST_BF16"
+
+
 @functools.cache
+def _cpu_bf16_instructions() -> tuple[bool, str]:
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return avx512_bf16 or amx, f"CPU {torch.backends.cpu.get_cpu_capability()}, AVX512-BF16 {avx512_bf16}, AMX {amx}"
+
+
 def fast_bf16(device_type: str) -> bool:
     """Whether bfloat16 matmuls beat float32 on this machine's `device_type` ("cuda" or "cpu"):
-    a CUDA GPU that supports bf16, or a CPU with AVX512-BF16 or AMX instructions. (A CPU without
-    them converts bf16 to float32 around every multiply: on an AVX2 processor bf16 matmuls ran
-    30 to 50 times slower than float32.) The answer is logged once per device type."""
+    a CUDA GPU that supports bf16, or a CPU with AVX512-BF16 or AMX instructions (without them a
+    CPU converts bf16 to float32 around every multiply, many times slower). `ARPG_CPU_FAST_BF16`
+    ("1" / "0") replaces the CPU probe. This only informs speed reports and warnings: the default
+    precision never depends on it (see `use_bf16`)."""
     if device_type == "cuda":
-        fast, why = torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "CUDA bf16 support"
-    elif device_type == "cpu":
-        avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        fast = avx512_bf16 or amx
-        why = f"CPU {torch.backends.cpu.get_cpu_capability()}, AVX512-BF16 {avx512_bf16}, AMX {amx}"
-    else:
-        fast, why = False, "not a CUDA or CPU device"
-    log.info("bf16 on %s: %s (%s); amp=false / runtime.mixed_precision=no switch it off", device_type,
-             "fast, used where the setting is auto" if fast else "slow, auto settings stay float32", why)
-    return fast
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        forced = os.environ.get(CPU_BF16_ENV)
+        require(forced in (None, "0", "1"), f"{CPU_BF16_ENV} must be 0 or 1 (or unset: probe the CPU), got {forced!r}")
+        return _cpu_bf16_instructions()[0] if forced is None else forced == "1"
+    return False
+
+
+def cpu_description() -> str:
+    """The CPU's vector capability and bf16 instructions, for benchmark reports (the real probe)."""
+    return _cpu_bf16_instructions()[1]
 
 
 def use_bf16(setting: Optional[bool], device: torch.device) -> bool:
-    """Resolve a bf16 setting for `device`: None (auto) means `fast_bf16`; True or False forces it."""
-    return fast_bf16(device.type) if setting is None else setting
+    """Resolve a bf16 setting for `device`. None (the default): bf16 on a CUDA GPU that supports it,
+    float32 on a CPU, so that a call gives the same tokens on every CPU (the convention of PyTorch
+    and transformers). True: bf16 on any device (on a CPU without fast bf16 it warns once that it
+    will be slow). False: float32."""
+    if setting is None:
+        return device.type == "cuda" and fast_bf16("cuda")
+    if setting and device.type == "cpu" and not fast_bf16("cpu"):
+        _warn_slow_cpu_bf16()
+    return setting
+
+
+def training_precision(setting: str, device: torch.device) -> str:
+    """accelerate's `mixed_precision` for a `runtime.mixed_precision` setting on `device`: "auto"
+    is "bf16" on a CUDA GPU with bf16 and "no" (float32) on a CPU; "bf16" is kept on any device
+    (with the same once-only warning as `use_bf16` on a CPU without fast bf16)."""
+    if setting in ("auto", "bf16"):
+        return "bf16" if use_bf16(None if setting == "auto" else True, device) else "no"
+    return setting
+
+
+@functools.cache
+def _warn_slow_cpu_bf16() -> None:
+    log.warning("bf16 asked for on a CPU without AVX512-BF16 or AMX (%s): it runs many times slower than "
+                "float32 here", cpu_description())
 
 
 def set_cpu_threads(threads: int) -> int:

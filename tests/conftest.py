@@ -4,12 +4,19 @@ suite is self-contained; a missing file is a failure, never a skip."""
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from arpg.runtime import CPU_BF16_ENV
+
+# No test depends on the CPU it runs on: the suite runs as a CPU without fast bf16 (AVX2) would,
+# and `ARPG_CPU_FAST_BF16=1 python -m pytest` runs it as one with AVX512-BF16 or AMX would.
+os.environ.setdefault(CPU_BF16_ENV, "0")
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +38,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["avx2", "avx512_bf16"])
+def cpu_kind(request, monkeypatch) -> str:
+    """Run a test as each kind of CPU would: without fast bf16 (AVX2) and with it (AVX512-BF16, AMX)."""
+    monkeypatch.setenv(CPU_BF16_ENV, "1" if request.param == "avx512_bf16" else "0")
+    return request.param
 
 
 @pytest.fixture(scope="session")

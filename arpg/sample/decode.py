@@ -12,8 +12,8 @@ How one decode runs (`decode`):
   forward passes over a KV cache allocated once: called with the tokens chosen at the previous
   step, it returns the logits of this step's positions.
 * bf16 (autocast, a bf16 cache and bf16 decode weights) runs where `SamplingOptions.amp` says:
-  by default on CUDA and on CPUs with native bf16 (`arpg.runtime.fast_bf16`), on any device if
-  forced, never with amp=False.
+  by default on a CUDA GPU and never on a CPU (the same tokens on every CPU), on any device with
+  amp=True, never with amp=False (`arpg.runtime.use_bf16`).
 * Classifier-free guidance runs the conditional and the unconditional rows as one doubled batch
   and mixes their logits as uncond + scale * (cond - uncond).
 * The tokens are chosen by a `TokenSampler` (arpg.sample.draw) with uniforms drawn once per call:
@@ -104,7 +104,7 @@ def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, 
         choose: picks the tokens of each step from the guided logits (see `Choose`).
         scales: guidance scale per step (`cfg_scales`), or None for no guidance.
         options: its `amp` decides bf16 (autocast, bf16 cache and decode weights) on any device
-            (`arpg.runtime.use_bf16`: by default where bf16 matmuls are fast).
+            (`arpg.runtime.use_bf16`: by default on CUDA, float32 on a CPU).
         select: a position selector (arpg.sample.positions): each step then draws a token for every
             open target and commits the ones `select` puts first; None commits the plan's.
     """

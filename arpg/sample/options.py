@@ -58,10 +58,9 @@ class SamplingOptions:
         use_cache: False recomputes the whole prefix at every step (same result, slow; benchmarks).
 
     Speed (none of these changes which tokens are drawn, except bf16 rounding):
-        amp: bf16 autocast, bf16 KV cache and bf16 decode weights. None (default): where bf16
-            matmuls are fast, i.e. on CUDA, and on a CPU with AVX512-BF16 or AMX (detected and
-            logged once, see `arpg.runtime.fast_bf16`); False: float32 everywhere; True: bf16 on
-            any device (on a CPU without bf16 instructions it is many times slower).
+        amp: bf16 autocast, bf16 KV cache and bf16 decode weights. None (default): bf16 on a CUDA
+            GPU, float32 on a CPU (one call gives the same tokens on every CPU); True: bf16 on any
+            device (fast on CPUs with AVX512-BF16 or AMX, warned as slow elsewhere); False: float32.
         compile: torch.compile the decode step.
         static: fixed-shape decode steps (attention over the whole preallocated cache under a
             validity mask, tokens and queries padded to powers of two), so that with `compile` the

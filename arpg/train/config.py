@@ -100,7 +100,7 @@ class RuntimeSettings:
     """Where and how the math runs. Processes and nodes come from the launcher."""
 
     device: str = "auto"  # "auto": the launcher's GPU if there is one, else CPU; "cpu": force CPU
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" | "auto" (bf16 where fast: arpg.runtime.fast_bf16, logged)
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" | "auto" (bf16 on CUDA, float32 on a CPU: arpg.runtime.training_precision)
     threads: int = 1  # CPU intra-op threads per process (0: torch's default); see arpg.runtime.set_cpu_threads
     strategy: str = "ddp"  # "ddp" (replicate) | "fsdp" (shard params/grads/optimizer, FSDP2)
     compile: bool = False  # torch.compile the training forward/backward

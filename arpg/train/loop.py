@@ -40,7 +40,7 @@ from arpg.images import save_grid
 from arpg.models import build_model
 from arpg.orders import make_order
 from arpg.quality import digits_class_accuracy
-from arpg.runtime import derive_seed, fast_bf16, set_cpu_threads, worker_count
+from arpg.runtime import derive_seed, set_cpu_threads, training_precision, worker_count
 from arpg.sample import generate
 from arpg.tokenizer import load_tokenizer
 from arpg.train.config import (GridSettings, OptimSettings, RunPlan, RuntimeSettings, TrainConfig, TrainResult,
@@ -106,9 +106,7 @@ def _make_accelerator(runtime: RuntimeSettings):
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
     cpu = runtime.device == "cpu" or not torch.cuda.is_available()
-    precision = runtime.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if fast_bf16("cpu" if cpu else "cuda") else "no"
+    precision = training_precision(runtime.mixed_precision, torch.device("cpu" if cpu else "cuda"))
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=precision, fsdp_plugin=fsdp_plugin)
     if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # accelerate enables FSDP for GPU processes only and silently falls back to DDP on CPU ones;
