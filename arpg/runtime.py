@@ -83,8 +83,10 @@ def fast_bf16(device_type: str) -> bool:
 
 
 def cpu_description() -> str:
-    """The CPU's vector capability and bf16 instructions, for benchmark reports (the real probe)."""
-    return _cpu_bf16_instructions()[1]
+    """The CPU's vector capability and bf16 instructions (the real probe), for reports and messages."""
+    forced = os.environ.get(CPU_BF16_ENV)
+    return _cpu_bf16_instructions()[1] + (f"; fast bf16 taken as {forced == '1'} ({CPU_BF16_ENV}={forced})"
+                                           if forced is not None else "")
 
 
 def use_bf16(setting: Optional[bool], device: torch.device) -> bool:

@@ -135,7 +135,7 @@ def _golden_decode(model: LlamaGen, golden: dict, monkeypatch, **runtime):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("name", FAMILY_FILES)
-def test_golden_decode_steps_and_output(goldens, monkeypatch, name, use_cache):
+def test_golden_decode_steps_and_output(goldens, monkeypatch, name, use_cache, cpu_kind):
     golden = goldens[name]
     model = _golden_model(golden)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}

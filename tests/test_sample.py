@@ -67,7 +67,7 @@ def test_golden_schedule_matches_reference(arpg_golden):
         arpg_golden["num_pred_per_step"]
 
 
-def test_golden_decode_steps_and_output(golden_model, arpg_golden, monkeypatch):
+def test_golden_decode_steps_and_output(golden_model, arpg_golden, monkeypatch, cpu_kind):
     raw = []
     predict = golden_model.predict
 
@@ -88,7 +88,7 @@ def test_golden_decode_steps_and_output(golden_model, arpg_golden, monkeypatch):
     assert torch.equal(out.flatten(1), arpg_golden["generate_output"])
 
 
-def test_golden_without_cache_matches_too(golden_model, arpg_golden):
+def test_golden_without_cache_matches_too(golden_model, arpg_golden, cpu_kind):
     out, logits = _golden_run(golden_model, arpg_golden, use_cache=False)
     for step, combined in zip(arpg_golden["decode_steps"], logits):
         assert (combined - step["logits"]).abs().max() <= 1e-4
@@ -96,7 +96,8 @@ def test_golden_without_cache_matches_too(golden_model, arpg_golden):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_causal_within_step_gives_the_training_forward_at_each_steps_first_slot(golden_model, arpg_golden, causal):
+def test_causal_within_step_gives_the_training_forward_at_each_steps_first_slot(golden_model, arpg_golden, causal,
+                                                                                 cpu_kind):
     # With a causal mask inside each step, the cache holds exactly the training forward's content
     # states, so each step's first query (which sees everything fed before it, as training's query
     # k sees the first k tokens) has the teacher-forced logits. Block-wise steps (published) do not.
@@ -133,7 +134,7 @@ def test_linear_cfg_scales_follow_published_formula():
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("num_context", [0, 5])
-def test_cached_logits_equal_full_recomputation(model, causal, num_context):
+def test_cached_logits_equal_full_recomputation(model, causal, num_context, cpu_kind):
     model = copy.deepcopy(model).double()  # rounding far below the tolerance: any gap is a logic error
     g = torch.Generator().manual_seed(1)
     B, N = 3, T - num_context
@@ -185,7 +186,7 @@ def test_cache_allocated_once_and_loop_never_syncs(model, monkeypatch, runtime):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("schedule", ["arccos", [1, 2, 5, 8]])
-def test_static_steps_give_the_tokens_and_logits_of_dynamic_steps(model, causal, schedule):
+def test_static_steps_give_the_tokens_and_logits_of_dynamic_steps(model, causal, schedule, cpu_kind):
     # Padded queries and keys past the valid prefix must change nothing: the same draws from the
     # same uniforms, logits equal up to float rounding of the longer reductions.
     runs = []
@@ -283,7 +284,7 @@ def test_every_position_decoded_once_in_raster_output(model, schedule):
         assert torch.equal(out.flatten(1).gather(1, plan.order), torch.arange(T).expand(3, -1))
 
 
-def test_raster_order_one_token_per_step_is_classic_ar(model):
+def test_raster_order_one_token_per_step_is_classic_ar(model, cpu_kind):
     # One token per step in raster order: step k's logits are the teacher-forced causal forward's
     # logits for position k on the decoded image (class token and tokens 0..k-1 seen).
     plan = make_plan("raster", 2, GRID, GRID, T, "arccos")

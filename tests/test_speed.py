@@ -77,3 +77,17 @@ def test_speed_benchmark_dry_run(tmp_path):
     assert all(r["ops_per_step_per_layer"] > 0 for r in report["sampling"] if r["mode"] in ("eager", "static"))
     assert report["training"][0]["tokens_per_s"] > 0 and 0 < report["training"][0]["mfu"]
     assert (tmp_path / "b.json").is_file() and (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_speed_benchmark_adds_bf16_rows_only_where_the_cpu_has_fast_bf16(tmp_path, cpu_kind):
+    from arpg.cli import compose_config
+    from arpg.reports.speed import BenchSampleConfig, bench_sample
+
+    config = compose_config("bench_sample", BenchSampleConfig,
+                            ["bench_preset=dry_run", "precisions=null", "baselines=false", "count_ops=false",
+                             "train_models=[]", "modes=[eager]", "matmul_seconds=0.01",
+                             f"output={tmp_path}/b.json", f"plot={tmp_path}/b.png"])
+    report = bench_sample(config)
+    expected = {"float32", "bf16"} if cpu_kind == "avx512_bf16" else {"float32"}
+    assert {r["precision"] for r in report["sampling"]} == expected
+    assert f"fast bf16 taken as {cpu_kind == 'avx512_bf16'}" in report["environment"]["device"]

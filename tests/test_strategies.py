@@ -208,7 +208,7 @@ def _realised_order(order, reorders, n):
     return arrangement
 
 
-def test_confidence_uses_the_same_cache_as_recomputation(model):
+def test_confidence_uses_the_same_cache_as_recomputation(model, cpu_kind):
     runs = []
     for use_cache in (True, False):
         options = SamplingOptions(steps=5, cfg=2.0, positions="confidence", position_noise=2.0, use_cache=use_cache)

@@ -33,6 +33,7 @@ import os
 import platform
 import threading
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -45,7 +46,7 @@ from arpg.errors import require
 from arpg.files import atomic_write
 from arpg.models import create_model
 from arpg.orders import decode_schedule
-from arpg.runtime import fast_bf16, resolve_device, set_cpu_threads
+from arpg.runtime import cpu_description, fast_bf16, resolve_device, set_cpu_threads
 from arpg.sample import SamplingOptions, generate
 
 MODES = {
@@ -74,7 +75,8 @@ class BenchSampleConfig:
     batch: int = 16
     steps: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     modes: list[str] = field(default_factory=lambda: ["eager"])  # eager | static | compiled | graphs
-    precisions: list[str] = field(default_factory=lambda: ["float32"])  # float32 | bf16
+    # float32 | bf16; null: float32, and bf16 too where the device multiplies it fast (arpg.runtime.fast_bf16)
+    precisions: Optional[list[str]] = None
     baselines: bool = True  # raster_ar and no_cache rows
     no_cache_steps: list[int] = field(default_factory=lambda: [64])
     cfg: float = 4.0
@@ -95,8 +97,8 @@ class BenchSampleConfig:
 def _validate(config: BenchSampleConfig) -> None:
     require(bool(config.models), "models must name at least one model size")
     require(all(m in MODES for m in config.modes), f"modes must be a list of {sorted(MODES)}, got {config.modes}")
-    require(all(p in PRECISIONS for p in config.precisions),
-            f"precisions must be a list of {sorted(PRECISIONS)}, got {config.precisions}")
+    require(config.precisions is None or all(p in PRECISIONS for p in config.precisions),
+            f"precisions must be a list of {sorted(PRECISIONS)} or null, got {config.precisions}")
     T = config.grid ** 2
     require(bool(config.steps) and all(1 <= s <= T for s in config.steps + config.no_cache_steps),
             f"steps and no_cache_steps must be ints in [1, {T}], got {config.steps}, {config.no_cache_steps}")
@@ -343,10 +345,12 @@ def bench_sample(config: BenchSampleConfig) -> dict:
     _validate(config)
     threads = set_cpu_threads(config.threads)
     device = resolve_device(config.device)
+    if config.precisions is None:
+        config = dataclasses.replace(config, precisions=["float32", "bf16"] if fast_bf16(device.type) else ["float32"])
     environment = dict(torch=torch.__version__, threads=threads, cpus=os.cpu_count(),
                        load_average=list(os.getloadavg()), fast_bf16=fast_bf16(device.type),
                        device=torch.cuda.get_device_name(device) if device.type == "cuda"
-                       else f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})")
+                       else f"{platform.processor() or platform.machine()} ({cpu_description()})")
     sampling, ceiling = [], []
     # Inductor's CPU kernels show in the profiler (for the operation count) only if built so.
     from torch._inductor import config as inductor_config
