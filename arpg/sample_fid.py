@@ -53,7 +53,7 @@ from arpg.checkpoint import WEIGHTS_CHOICES, load_model
 from arpg.errors import describe_differences, differences, require
 from arpg.eval import NpzImages
 from arpg.files import FolderLock, atomic_write, file_digest, remove_partial_writes
-from arpg.runtime import derive_seed, resolve_device
+from arpg.runtime import derive_seed, resolve_device, use_bf16
 from arpg.sample import SamplingOptions, generate
 from arpg.sample.decode import check_sampling, check_tokenizer
 from arpg.tokenizer import TOKENIZER_CHOICES, load_tokenizer
@@ -136,7 +136,8 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
             _check_settings(settings, output_dir)
         grid = {} if config.token_grid is None else {"block_size": config.token_grid ** 2}
         model = load_model(config.checkpoint, weights=config.weights, device=device,
-                           dtype=torch.bfloat16 if config.precision == "bf16" else None, **grid)
+                           dtype=torch.bfloat16 if config.precision == "bf16" and use_bf16(True, device) else None,
+                           **grid)
         tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
         check_tokenizer(model, tokenizer)
         check_sampling(model, config.sampling)

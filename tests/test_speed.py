@@ -1,4 +1,4 @@
-"""The speed policies and tools: bf16 detection, host syncs in the training step, CPU threads,
+"""The speed tools: host syncs in the training step, CPU threads,
 and the speed benchmark's code paths at toy size (speed itself is measured by
 scripts/bench_sample.py, never asserted). The fast decode paths are tested in test_sample.py."""
 
@@ -6,16 +6,13 @@ import pytest
 import torch
 
 from arpg.models import create_model
-from arpg.runtime import fast_bf16, set_cpu_threads, use_bf16
+from arpg.runtime import set_cpu_threads
 from arpg.sample import SamplingOptions
 
 T = 16
 
 
-def test_bf16_policy_is_detected_and_can_be_forced_either_way():
-    cpu = torch.device("cpu")
-    assert use_bf16(None, cpu) == fast_bf16("cpu") and isinstance(fast_bf16("cpu"), bool)
-    assert use_bf16(True, cpu) and not use_bf16(False, cpu)
+def test_runtime_settings_are_validated():
     with pytest.raises(ValueError, match="amp"):
         SamplingOptions(amp="yes")
     with pytest.raises(ValueError, match="static"):
