@@ -214,7 +214,7 @@ def test_extract_codes_resumes_without_duplicates(image_tree, tmp_path, monkeypa
     reference = extract_codes(_config(image_tree, tmp_path / "reference"))
 
     written: list[int] = []
-    original = ShardWriter.write_shard
+    original = ShardWriter.save_shard
 
     def crash_after_two(self, index, *args, **kwargs):
         if len(written) == 2:
@@ -222,7 +222,7 @@ def test_extract_codes_resumes_without_duplicates(image_tree, tmp_path, monkeypa
         written.append(index)
         return original(self, index, *args, **kwargs)
 
-    monkeypatch.setattr(ShardWriter, "write_shard", crash_after_two)
+    monkeypatch.setattr(ShardWriter, "save_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         extract_codes(_config(image_tree, tmp_path / "out"))
     assert written == [0, 1]
@@ -237,7 +237,7 @@ def test_extract_codes_resumes_without_duplicates(image_tree, tmp_path, monkeypa
         resumed.append(index)
         return original(self, index, *args, **kwargs)
 
-    monkeypatch.setattr(ShardWriter, "write_shard", record)
+    monkeypatch.setattr(ShardWriter, "save_shard", record)
     manifest = extract_codes(_config(image_tree, tmp_path / "out"))
     assert resumed == [2, 3, 4, 5]  # finished shards were kept, not redone
     assert not stale.exists()
