@@ -12,8 +12,8 @@ On-disk format (one folder, written by `ShardWriter`):
 Every file is put in place by an atomic rename, so an interrupted extraction leaves only whole
 shards behind; rerunning it skips them and writes the rest. One job at a time writes a folder
 (`arpg.files.FolderLock`); in a job of several processes every process writes the shards it
-encodes and process 0 holds the lock and writes the manifest. `TokenDataset` memory-maps the shards and draws one augmentation per
-sample per epoch.
+encodes and process 0 holds the lock and writes the manifest. `TokenDataset` memory-maps the
+shards and draws one augmentation per sample per epoch.
 """
 
 from __future__ import annotations
@@ -705,7 +705,7 @@ def _extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None, processes
         manifest = processes.on_first(writer.finish)
     if first:
         skipped = sum(len(s["skipped"]) for s in manifest["shards"])
-        rate = f"{new / seconds:.1f} images/s on {processes.world} process(es)" if new else "nothing left to do"
+        rate = f"{new / seconds:.3g} images/s on {processes.world} process(es)" if new else "nothing left to do"
         print(f"extracted {manifest['count']} images ({views} views each) into {len(manifest['shards'])} shards "
               f"at {config.output_dir}; skipped {skipped} unreadable; {new} read now ({rate}), "
               f"{len(files) - new} kept from an earlier run")
