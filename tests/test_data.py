@@ -403,6 +403,8 @@ def test_two_processes_write_the_shards_of_one_process(multi_process_setup):
     # Process 0 alone reports: one progress bar for both processes and one summary.
     assert run.stdout.count("extracted 36 images (2 views each) into 6 shards") == 1, run.stdout
     assert "37 read now" in run.stdout and "on 2 process(es)" in run.stdout
+    # The corrupt image (the 25th, in shard 3) was met by process 1; process 0's summary counts it.
+    assert "zz_corrupt.png" in run.stdout + run.stderr and "skipped 1 unreadable" in run.stdout
     assert "extract (2 processes): 100%" in run.stderr and "extract:" not in run.stderr
 
 
