@@ -7,7 +7,9 @@ instance rather than a DictConfig.
 
 Errors a user causes (a bad setting, a missing or damaged file: `ValueError`, which includes
 `arpg.errors.SettingError`, and `FileNotFoundError`) end a script with one line on stderr naming
-the setting or file, and exit status 1; `ARPG_TRACEBACK=1` shows the full traceback instead.
+the setting or file, and exit status 1; so does, on the other processes of a multi-process job, the
+failure of one of them (`ProcessFailed`, naming it and its error). `ARPG_TRACEBACK=1` shows the full
+traceback instead.
 Scripts write nothing of Hydra's (no `outputs/`, no `hydra/` folder, no log file; see
 `configs/quiet_hydra.yaml`), and INFO logging shows on the console.
 """
@@ -24,13 +26,14 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from arpg.errors import SettingError, require
+from arpg.errors import ProcessFailed, SettingError, require
 
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TRACEBACK_ENV = "ARPG_TRACEBACK"
-USER_ERRORS = (ValueError, FileNotFoundError)
+# Shown as one line: a user's error, and another process's failure (that process shows its own error).
+USER_ERRORS = (ValueError, FileNotFoundError, ProcessFailed)
 
 
 def register_schema(name: str, schema: type) -> str:

@@ -11,19 +11,23 @@ On-disk format (one folder, written by `ShardWriter`):
 
 Every file is put in place by an atomic rename, so an interrupted extraction leaves only whole
 shards behind; rerunning it skips them and writes the rest. One job at a time writes a folder
-(`arpg.files.FolderLock`). `TokenDataset` memory-maps the shards and draws one augmentation per
-sample per epoch.
+(`arpg.files.FolderLock`); in a job of several processes every process writes the shards it
+encodes and process 0 holds the lock and writes the manifest. `TokenDataset` memory-maps the
+shards and draws one augmentation per sample per epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Optional
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import psutil
@@ -35,6 +39,7 @@ from tqdm import tqdm
 
 from arpg.errors import require
 from arpg.files import FolderLock, atomic_write, remove_partial_writes
+from arpg.processes import Processes, Step
 from arpg.runtime import resolve_device, worker_count
 from arpg.tokenizer import TOKENIZER_CHOICES, Tokenizer, VQTokenizer, load_tokenizer
 
@@ -124,10 +129,17 @@ class ShardWriter:
 
     def write_shard(self, index: int, tokens: np.ndarray, labels: np.ndarray,
                     skipped: Sequence[str] = ()) -> None:
-        """Write shard `index`: tokens (n, augmentations, h*w) ints, labels (n,) ints.
+        """Write shard `index` and list it in the manifest (`save_shard`, then `add_shard`)."""
+        self.add_shard(self.save_shard(index, tokens, labels, skipped))
+
+    def save_shard(self, index: int, tokens: np.ndarray, labels: np.ndarray,
+                   skipped: Sequence[str] = ()) -> dict:
+        """Write shard `index`'s files: tokens (n, augmentations, h*w) ints, labels (n,) ints;
+        return its manifest entry, for `add_shard`.
 
         `skipped` lists inputs of this shard that could not be read; they are recorded so the
-        final summary counts them even across restarts.
+        final summary counts them even across restarts. In a job of several processes the others
+        save shards with a copy of the writer of the one holding the folder's lock, which adds them.
         """
         h, w = self.header["grid_size"]
         expected = (self.header["augmentations"], h * w)
@@ -144,8 +156,12 @@ class ShardWriter:
         tokens_name, labels_name = _shard_names(index)
         _save_npy(self.root / tokens_name, tokens.astype(np.uint16))
         _save_npy(self.root / labels_name, labels.astype(np.int64))
-        self.shards[index] = {"index": index, "tokens": tokens_name, "labels": labels_name,
-                              "count": int(tokens.shape[0]), "skipped": list(skipped)}
+        return {"index": index, "tokens": tokens_name, "labels": labels_name, "count": int(tokens.shape[0]),
+                "skipped": list(skipped)}
+
+    def add_shard(self, entry: dict) -> None:
+        """List a shard that `save_shard` wrote (its entry) in the manifest."""
+        self.shards[entry["index"]] = entry
         self._write_manifest(complete=False)
 
     def finish(self) -> dict:
@@ -585,9 +601,40 @@ def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> 
     `tokenizer` overrides the one `config` names (useful from Python and in tests). Unreadable
     images are logged by path and skipped. Interrupted runs resume: shards already written are
     kept, the rest are redone, so no image is stored twice.
+
+    Runs as one process or on every process of a torchrun / `accelerate launch` job, on one node or
+    several (`data_path` and `output_dir` on file systems that all of them see). Shards are fixed
+    slices of the sorted image list, each encoded in the same batches by whichever process takes
+    it, so the shards are the same byte for byte on any number of processes (for one `batch_size`
+    and kind of device; its default is the smallest over the processes), and a run may be resumed
+    on another number of processes. Process r encodes the missing shards r, r + world, ... and
+    writes their files; process 0 holds the folder's lock, lists each shard in the manifest as it
+    is finished, shows the progress of all and marks the data set complete once every one is
+    there. The processes work in lock step (`arpg.processes`): one that fails stops the others
+    with its error.
     """
+    with Processes.join() as processes:
+        return _extract_codes(config, tokenizer, processes)
+
+
+@dataclass
+class _Encoder:
+    """What each process of an extraction sets up for itself."""
+
+    tokenizer: Tokenizer  # on `device`, in eval mode
+    tokenizer_file: Optional[str]  # its weights file, recorded in the manifest
+    device: torch.device
+    classes: list[str]
+    files: list[tuple[Path, int]]  # (image, class id), sorted
+    batch_size: int  # views per encode call
+    workers: int  # image-decoding processes
+
+
+def _set_up(config: ExtractConfig, tokenizer: Tokenizer | None, local_rank: int) -> _Encoder:
     _validate(config)
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # pinned memory and the free-memory probe use the current GPU
     tokenizer_file = config.vq_ckpt if tokenizer is None and config.tokenizer == "vq16" else None
     tokenizer = tokenizer or load_tokenizer(config.tokenizer, config.vq_ckpt, config.pixel_levels)
     require(config.image_size % tokenizer.downsample == 0,
@@ -595,53 +642,98 @@ def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> 
             f"got {config.image_size}")
     classes, files = _list_image_folder(Path(config.data_path))
     batch_size = config.batch_size or default_batch_size(tokenizer, config.image_size, device)
-    workers = worker_count(config.num_workers)
-    log.info("encoding %d views per call (batch_size) with %d loader worker(s) on %s", batch_size, workers, device)
-    tokenizer = tokenizer.to(device).eval()
-    side = config.image_size // tokenizer.downsample
+    return _Encoder(tokenizer.to(device).eval(), tokenizer_file, device, classes, files, batch_size,
+                    worker_count(config.num_workers))
+
+
+def _listing_digest(files: list[tuple[Path, int]], root: str) -> str:
+    """What a process's image list is, wherever the folder is mounted."""
+    listing = "\n".join(f"{path.relative_to(root)}\t{label}" for path, label in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _shard_files(files: list[tuple[Path, int]], index: int, shard_size: int) -> list[tuple[Path, int]]:
+    return files[index * shard_size:(index + 1) * shard_size]
+
+
+def _extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None, processes: Processes) -> dict:
+    # Every process checks the settings, loads the tokenizer and lists the images itself.
+    encoder = processes.everywhere(lambda: _set_up(config, tokenizer, processes.local_rank))
+    files = encoder.files
+    listings = processes.gather((len(files), _listing_digest(files, config.data_path), encoder.batch_size))
+    require(len({(count, digest) for count, digest, _ in listings}) == 1,
+            f"the processes see different images in data_path {config.data_path} (images per process: "
+            f"{[count for count, _, _ in listings]}); every node must see the same folder")
+    batch_size = config.batch_size or min(size for _, _, size in listings)
+    first = processes.rank == 0
+    if first:
+        log.info("encoding %d views per call (batch_size) with %d loader worker(s) per process on %d process(es) "
+                 "(%s on process 0)", batch_size, encoder.workers, processes.world, encoder.device)
+    side = config.image_size // encoder.tokenizer.downsample
     views = _num_views(config.augment)
     num_shards = math.ceil(len(files) / config.shard_size)
-    with (FolderLock(config.output_dir, "code extraction"),
-          tqdm(total=len(files), desc="extract", unit="img") as progress):
-        writer = ShardWriter(
-            config.output_dir, grid_size=(side, side), codebook_size=tokenizer.codebook_size,
-            tokenizer=tokenizer.identity, augmentations=views, num_classes=len(classes), class_names=classes,
-            # Shards are fixed slices of the sorted file list; these make a resumed run slice the same way.
-            source={"data_path": str(Path(config.data_path).resolve()), "files": len(files),
-                    "shard_size": config.shard_size, "image_size": config.image_size, "augment": config.augment,
-                    "crop_range": config.crop_range},
-            tokenizer_file=tokenizer_file)
-        for index in range(num_shards):
-            chunk = files[index * config.shard_size:(index + 1) * config.shard_size]
-            if not writer.has_shard(index):
-                _extract_shard(index, chunk, config, tokenizer, device, writer, progress, batch_size, workers)
-            else:
-                progress.update(len(chunk))
-        manifest = writer.finish()
-    skipped = sum(len(s["skipped"]) for s in manifest["shards"])
-    print(f"extracted {manifest['count']} images ({views} views each) into {len(manifest['shards'])} shards "
-          f"at {config.output_dir}; skipped {skipped} unreadable")
+    with ExitStack() as books:
+        def open_folder() -> ShardWriter:  # on process 0, which keeps the folder's books
+            books.enter_context(FolderLock(config.output_dir, "code extraction"))
+            return ShardWriter(
+                config.output_dir, grid_size=(side, side), codebook_size=encoder.tokenizer.codebook_size,
+                tokenizer=encoder.tokenizer.identity, augmentations=views, num_classes=len(encoder.classes),
+                class_names=encoder.classes,
+                # Shards are fixed slices of the sorted file list; these make a resumed run slice the same way.
+                source={"data_path": str(Path(config.data_path).resolve()), "files": len(files),
+                        "shard_size": config.shard_size, "image_size": config.image_size,
+                        "augment": config.augment, "crop_range": config.crop_range},
+                tokenizer_file=encoder.tokenizer_file)
+
+        writer = processes.on_first(open_folder)  # the others save shards with a copy of it
+        missing = [index for index in range(num_shards) if not writer.has_shard(index)]
+        new = sum(len(_shard_files(files, index, config.shard_size)) for index in missing)
+        progress = tqdm(total=len(files), initial=len(files) - new, unit="img", disable=not first,
+                        desc=f"extract ({processes.world} processes)" if processes.world > 1 else "extract")
+
+        def receive(step: Step) -> None:
+            progress.update(step.count)
+            if first:
+                for entry in step.news:
+                    writer.add_shard(entry)
+
+        started = time.perf_counter()
+        with progress:
+            mine = missing[processes.rank::processes.world]
+            processes.steps(_encode_shards(mine, config, encoder, batch_size, writer), receive)
+        seconds = time.perf_counter() - started
+        manifest = processes.on_first(writer.finish)
+    if first:
+        skipped = sum(len(s["skipped"]) for s in manifest["shards"])
+        rate = f"{new / seconds:.3g} images/s on {processes.world} process(es)" if new else "nothing left to do"
+        print(f"extracted {manifest['count']} images ({views} views each) into {len(manifest['shards'])} shards "
+              f"at {config.output_dir}; skipped {skipped} unreadable; {new} read now ({rate}), "
+              f"{len(files) - new} kept from an earlier run")
     return manifest
 
 
-def _extract_shard(index: int, chunk: list[tuple[Path, int]], config: ExtractConfig, tokenizer: Tokenizer,
-                   device: torch.device, writer: ShardWriter, progress: tqdm, batch_size: int, workers: int) -> None:
+def _encode_shards(shards: list[int], config: ExtractConfig, encoder: _Encoder, batch_size: int,
+                   writer: ShardWriter) -> Iterator[tuple[int, Optional[dict]]]:
+    """Encode and save `shards` (indices) in turn: yields (images read, None) after each batch and
+    (0, the shard's manifest entry) once a shard's files are written."""
     images_per_batch = max(1, batch_size // _num_views(config.augment))
-    loader = DataLoader(_ImageViews(chunk, config), batch_size=images_per_batch, num_workers=workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
-    tokens, labels, skipped = [], [], []
-    for batch in loader:
-        good = [item for item in batch if item[0] is not None]
-        for _, _, path, error in batch:
-            if error is not None:
-                log.warning("skipping unreadable image %s (%s)", path, error)
-                skipped.append(path)
-        if good:
-            views = torch.stack([item[0] for item in good]).to(device, non_blocking=True)  # uint8
-            codes = tokenizer.encode(rearrange(views, "b a c h w -> (b a) c h w").float() / 127.5 - 1)
-            tokens.append(rearrange(codes, "(b a) h w -> b a (h w)", b=len(good)).cpu().numpy())
-            labels.extend(item[1] for item in good)
-        progress.update(len(batch))
-    side = config.image_size // tokenizer.downsample
-    stacked = np.concatenate(tokens) if tokens else np.zeros((0, _num_views(config.augment), side * side))
-    writer.write_shard(index, stacked, np.array(labels, dtype=np.int64), skipped)
+    side = config.image_size // encoder.tokenizer.downsample
+    for index in shards:
+        loader = DataLoader(_ImageViews(_shard_files(encoder.files, index, config.shard_size), config),
+                            batch_size=images_per_batch, num_workers=encoder.workers, collate_fn=_collate,
+                            pin_memory=encoder.device.type == "cuda")
+        tokens, labels, skipped = [], [], []
+        for batch in loader:
+            good = [item for item in batch if item[0] is not None]
+            for _, _, path, error in batch:
+                if error is not None:
+                    log.warning("skipping unreadable image %s (%s)", path, error)
+                    skipped.append(path)
+            if good:
+                views = torch.stack([item[0] for item in good]).to(encoder.device, non_blocking=True)  # uint8
+                codes = encoder.tokenizer.encode(rearrange(views, "b a c h w -> (b a) c h w").float() / 127.5 - 1)
+                tokens.append(rearrange(codes, "(b a) h w -> b a (h w)", b=len(good)).cpu().numpy())
+                labels.extend(item[1] for item in good)
+            yield len(batch), None
+        stacked = np.concatenate(tokens) if tokens else np.zeros((0, _num_views(config.augment), side * side))
+        yield 0, writer.save_shard(index, stacked, np.array(labels, dtype=np.int64), skipped)

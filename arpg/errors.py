@@ -19,6 +19,11 @@ class MissingPrerequisites(SettingError):
     """Files or packages a command needs and does not find; the message names all of them at once."""
 
 
+class ProcessFailed(RuntimeError):
+    """Another process of a multi-process job failed; the message names it and its error (which
+    that process reports in full itself)."""
+
+
 def require(ok: bool, message: str) -> None:
     """Raise `SettingError(message)` unless `ok`."""
     if not ok:

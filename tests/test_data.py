@@ -7,6 +7,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from PIL import Image
 
 import arpg.data as data
 import arpg.runtime
+from arpg.cli import compose_config
 from arpg.data import (ExtractConfig, ShardWriter, TokenDataset, convert_npy_folder, default_batch_size,
                        digits_dataset, extract_codes)
 from arpg.errors import SettingError
@@ -173,9 +176,13 @@ SIZES = [(12, 9), (9, 12), (20, 20), (31, 17), (8, 8), (40, 25)]
 
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
+    return _make_image_tree(tmp_path)
+
+
+def _make_image_tree(folder: Path) -> Path:
     """3 classes x 12 RGB PNGs of several sizes, plus one corrupt .png in class 'b'."""
     rng = np.random.default_rng(2)
-    root = tmp_path / "images"
+    root = folder / "images"
     for name in ("a", "b", "c"):
         (root / name).mkdir(parents=True)
         for i in range(12):
@@ -214,7 +221,7 @@ def test_extract_codes_resumes_without_duplicates(image_tree, tmp_path, monkeypa
     reference = extract_codes(_config(image_tree, tmp_path / "reference"))
 
     written: list[int] = []
-    original = ShardWriter.write_shard
+    original = ShardWriter.save_shard
 
     def crash_after_two(self, index, *args, **kwargs):
         if len(written) == 2:
@@ -222,7 +229,7 @@ def test_extract_codes_resumes_without_duplicates(image_tree, tmp_path, monkeypa
         written.append(index)
         return original(self, index, *args, **kwargs)
 
-    monkeypatch.setattr(ShardWriter, "write_shard", crash_after_two)
+    monkeypatch.setattr(ShardWriter, "save_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         extract_codes(_config(image_tree, tmp_path / "out"))
     assert written == [0, 1]
@@ -237,7 +244,7 @@ def test_extract_codes_resumes_without_duplicates(image_tree, tmp_path, monkeypa
         resumed.append(index)
         return original(self, index, *args, **kwargs)
 
-    monkeypatch.setattr(ShardWriter, "write_shard", record)
+    monkeypatch.setattr(ShardWriter, "save_shard", record)
     manifest = extract_codes(_config(image_tree, tmp_path / "out"))
     assert resumed == [2, 3, 4, 5]  # finished shards were kept, not redone
     assert not stale.exists()
@@ -345,3 +352,91 @@ def test_extract_config_typo_is_an_error_naming_the_key():
         assert config == ExtractConfig(data_path="/d", output_dir="/o")  # the YAML defaults equal the dataclass's
         with pytest.raises(ConfigCompositionException, match="shard_sise"):
             compose("extract_codes", overrides=["shard_sise=3"])
+
+
+# ---- extraction over several processes ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def multi_process_setup(tmp_path_factory, one_thread) -> dict:
+    """The image tree, a tiny VQ's weights (8x8 images -> 2x2 codes) and the overrides of
+    scripts/extract_codes.py for them (6 shards of 7 images, 2 images per encode call); `reference`:
+    the shards of an uninterrupted one-process run, {file name: bytes}."""
+    root = tmp_path_factory.mktemp("extraction")
+    torch.manual_seed(0)
+    vq = VQTokenizer(VQConfig(codebook_size=32, codebook_embed_dim=4, z_channels=8, ch=32, ch_mult=(1, 1, 2),
+                              num_res_blocks=1))
+    vq.save(root / "vq_tiny.safetensors")
+    setup = {"root": root, "overrides": [f"data_path={_make_image_tree(root)}", "tokenizer=vq16",
+                                         f"vq_ckpt={root / 'vq_tiny.safetensors'}", "image_size=8", "augment=flip",
+                                         "batch_size=4", "num_workers=0", "shard_size=7", "device=cpu"]}
+    extract_codes(_compose_extraction(setup, root / "reference"))
+    setup["reference"] = _folder_bytes(root / "reference")
+    assert len(setup["reference"]) == 1 + 2 * 6
+    return setup
+
+
+def _compose_extraction(setup: dict, out: Path) -> ExtractConfig:
+    return compose_config("extract_codes", ExtractConfig, [*setup["overrides"], f"output_dir={out}"])
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of a shard folder (hidden ones too: leftovers would show), by name."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def _launch_two(script: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _shards_on_disk(out: Path) -> set[int]:
+    return {int(path.name.split("_")[1]) for path in out.glob("shard_*.npy")}
+
+
+def test_two_processes_write_the_shards_of_one_process(multi_process_setup):
+    out = multi_process_setup["root"] / "two"
+    run = _launch_two(REPO / "scripts" / "extract_codes.py", *multi_process_setup["overrides"], f"output_dir={out}")
+    assert run.returncode == 0, run.stderr
+    # Byte for byte, the manifest included; nothing else left in the folder (lock, partial writes).
+    assert _folder_bytes(out) == multi_process_setup["reference"]
+    # Process 0 alone reports: one progress bar for both processes and one summary.
+    assert run.stdout.count("extracted 36 images (2 views each) into 6 shards") == 1, run.stdout
+    assert "37 read now" in run.stdout and "on 2 process(es)" in run.stdout
+    # The corrupt image (the 25th, in shard 3) was met by process 1; process 0's summary counts it.
+    assert "zz_corrupt.png" in run.stdout + run.stderr and "skipped 1 unreadable" in run.stdout
+    assert "extract (2 processes): 100%" in run.stderr and "extract:" not in run.stderr
+
+
+@pytest.mark.parametrize("failure", ["error", "kill"])
+def test_a_failed_two_process_run_is_finished_by_one_process(multi_process_setup, failure, monkeypatch):
+    """Process 1 fails (an error) or is killed (SIGKILL) as it is about to write its second shard:
+    the job stops (the error on both processes), the shards finished so far are kept, and one
+    process writes only the missing ones, giving the shards of an uninterrupted run."""
+    out = multi_process_setup["root"] / failure
+    run = _launch_two(REPO / "tests" / "two_process_extraction.py", failure, *multi_process_setup["overrides"],
+                      f"output_dir={out}")
+    assert run.returncode != 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {shard["index"] for shard in manifest["shards"]}
+    assert not manifest["complete"] and {0, 1} <= listed < set(range(6)), listed  # process 1 wrote shard 1
+    if failure == "error":
+        # Process 1 shows its error (a traceback), process 0 the same error as one line; shard 2,
+        # finished by process 0 at the step process 1 failed, is listed too: no shard file unlisted.
+        assert "OSError: simulated failure before writing shard 3" in run.stderr
+        assert "error: process 1 of 2 failed: OSError: simulated failure before writing shard 3" in run.stderr
+        assert listed == _shards_on_disk(out) == {0, 1, 2}
+    kept = {index: (out / f"shard_{index:05d}_tokens.npy").stat().st_ino for index in listed}
+
+    saved: list[int] = []
+    original = ShardWriter.save_shard
+
+    def record(self, index, *args, **kwargs):
+        saved.append(index)
+        return original(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "save_shard", record)
+    extract_codes(_compose_extraction(multi_process_setup, out))
+    assert sorted(saved) == sorted(set(range(6)) - listed)  # finished shards were not written again
+    assert {index: (out / f"shard_{index:05d}_tokens.npy").stat().st_ino for index in listed} == kept
+    assert _folder_bytes(out) == multi_process_setup["reference"]
