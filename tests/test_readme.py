@@ -83,21 +83,23 @@ def doc_blocks(lang: str) -> list[Block]:
 
 
 def block_commands(block: Block) -> list[list[str]]:
-    """The commands of a bash block: continuations joined, comments dropped, `a && b` split."""
+    """The commands of a bash block: continuations joined, comments and leading environment
+    variables (`OMP_NUM_THREADS=1 python ...`) dropped, `a && b` split."""
     commands = []
     for line in block.text.replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
         while words:
             end = words.index("&&") if "&&" in words else len(words)
-            commands.append(words[:end])
+            command = words[:end]
+            while command and re.fullmatch(r"[A-Z0-9_]+=\S*", command[0]):
+                command = command[1:]
+            commands.append(command)
             words = words[end + 1:]
     return commands
 
 
 def script_call(words: list[str]) -> tuple[str, list[str]] | None:
     """(script name, overrides) of a command that runs one of scripts/*.py, by any launcher."""
-    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # OMP_NUM_THREADS=1 python ...
-        words = words[1:]
     if words[0] in CONSOLE_COMMANDS:
         return CONSOLE_COMMANDS[words[0]], words[1:]
     if words[0] in ("python", "torchrun", "accelerate"):
@@ -107,8 +109,19 @@ def script_call(words: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
+def inline_commands() -> list[Block]:
+    """Commands quoted in the prose (`python scripts/sample.py ...`), one block each."""
+    blocks = []
+    for path in DOC_FILES:
+        text = re.sub(r"```.*?```", lambda m: "\n" * m.group().count("\n"), path.read_text(), flags=re.S)
+        for match in re.finditer(r"`((?:[A-Z0-9_]+=\S+ )*(?:python|torchrun|accelerate|bash|arpg-[a-z-]+) [^`]+)`", text):
+            command = " ".join(match.group(1).split())
+            blocks.append(Block(path, text.count("\n", 0, match.start()) + 1, "inline", "", command))
+    return blocks
+
+
 def all_commands() -> list[tuple[Block, list[str]]]:
-    return [(block, words) for block in doc_blocks("bash") for words in block_commands(block)]
+    return [(block, words) for block in doc_blocks("bash") + inline_commands() for words in block_commands(block)]
 
 
 def script_schema(script: str) -> type:
@@ -160,6 +173,9 @@ def test_every_documented_command_composes(block, words):
         check_other_command(words)
         return
     script, overrides = call
+    if block.lang == "inline" and not overrides:  # the prose names a script: `python scripts/sample.py`
+        assert (REPO / "scripts" / f"{script}.py").is_file()
+        return
     config = compose_config(script, script_schema(script), overrides)
     if script == "train":  # the user's files (data, VQ weights) are not here: checked as if on the digits
         validate(dataclasses.replace(config, data=dataclasses.replace(config.data, name="digits", path=None),
@@ -249,7 +265,7 @@ def toy_world(tmp_path, monkeypatch, digits_run) -> Path:
     return tmp_path
 
 
-RUN_COMMANDS = [(block, words) for block, words in COMMANDS if block.marker == "run"]
+RUN_COMMANDS = list({tuple(words): (block, words) for block, words in COMMANDS if block.marker == "run"}.values())
 
 
 @pytest.mark.parametrize("block,words", RUN_COMMANDS, ids=[f"{b.where}:{' '.join(w[2:3])}" for b, w in RUN_COMMANDS])
