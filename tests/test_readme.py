@@ -389,7 +389,7 @@ def docs_text(name: str) -> str:
 
 
 def table_rows(text: str, first_header: str) -> list[list[str]]:
-    """The body rows of the markdown table whose header starts with `| first_header |`, as cells."""
+    """The body rows of the first markdown table whose header starts with `| first_header |`, as cells."""
     start = text.index(f"| {first_header} |")
     rows = []
     for line in text[start:].splitlines()[2:]:
@@ -489,6 +489,13 @@ def test_weights_tables_name_the_published_files_and_counts():
             assert counts == [sum(p.numel() for p in m.parameters()) for m in models], row
             for file in re.findall(r"`([\w-]+\.pt)`", row[5]):
                 assert file in {f for _, f in sources}, row
+
+
+def test_the_digits_model_size_is_the_measured_one():
+    families = json.loads(docs_text("docs/bench_families.json"))["families"]
+    measured = next(f["parameters"] for f in families if f["label"] == "ARPG")
+    tiny = next(row for row in table_rows(docs_text("README.md"), "name | layers") if row[0] == "`ARPG-tiny`")
+    assert tiny[4].startswith(f"{measured:,} (`model=tiny`)"), tiny
 
 
 def test_the_schedule_table_is_the_library_schedule():
