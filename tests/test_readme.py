@@ -498,6 +498,23 @@ def test_the_digits_model_size_is_the_measured_one():
     assert tiny[4].startswith(f"{measured:,} (`model=tiny`)"), tiny
 
 
+def test_the_digits_recipe_length_is_the_configured_one():
+    from arpg.data import digits_dataset
+    from arpg.train import TrainConfig
+    config = compose_config("train", TrainConfig)
+    steps = len(digits_dataset()) // config.optim.batch_size * int(config.epochs)
+    page = " ".join(docs_text("docs/benchmarks.md").split())
+    assert f"{steps:,} steps ({config.epochs:.0f} epochs of batch {config.optim.batch_size})" in page
+    assert f"{config.epochs:.0f} epochs = {steps:,} steps of {config.optim.batch_size}" in page
+
+
+def test_the_config_groups_listed_are_the_config_files():
+    for row in table_rows(docs_text("docs/training.md"), "group"):
+        group = row[0].strip("`/")
+        listed = {name for name in re.findall(r"`([^`]+)`", row[1]) if not set("=/.") & set(name)}
+        assert listed == {p.stem for p in (REPO / "configs" / group).glob("*.yaml")}, group
+
+
 def test_the_schedule_table_is_the_library_schedule():
     for row in table_rows(docs_text("docs/sampling.md"), "schedule"):
         schedule = row[0].strip("`")
