@@ -1,4 +1,4 @@
-"""The FID presets reproduce the published sampling settings, and the README's FID commands use them."""
+"""The FID presets reproduce the published sampling settings, and the documented FID commands use them."""
 
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ def test_par_preset_equals_the_published_run(published, preset):
 
 def _readme_fid_commands() -> list[tuple[list[str], str]]:
     """(overrides, trailing comment) of every scripts/sample_fid.py command of a published model
-    (checkpoint=.../arpg_*.pt or PAR-*.pt) in the README's code blocks."""
-    text = (REPO / "README.md").read_text()
+    (checkpoint=.../arpg_*.pt or PAR-*.pt) in the code blocks of README.md and docs/*.md."""
+    text = "".join(path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for command in block.replace("\\\n", " ").splitlines():
@@ -82,18 +82,22 @@ def _readme_fid_commands() -> list[tuple[list[str], str]]:
     return commands
 
 
-def test_readme_fid_commands_resolve_to_the_presets(published):
+def checkpoint_file(overrides: list[str]) -> str:
+    return next(Path(o.split("=", 1)[1]).name for o in overrides if o.startswith("checkpoint="))
+
+
+def test_documented_fid_commands_resolve_to_the_presets(published):
     commands = _readme_fid_commands()
     assert len(commands) >= len(PRESETS)
     seen = set()
     for overrides, comment in commands:
         presets = [o.split("=", 1)[1] for o in overrides if o.startswith("preset=")]
-        assert len(presets) == 1, f"README FID command without a preset: {overrides}"
+        assert len(presets) == 1, f"documented FID command without a preset: {overrides}"
         preset = presets[0]
         system, model = PRESETS[preset]
         changed = dict(o.split("=", 1) for o in overrides if o.startswith("sampling."))
         if changed:  # an experiment on top of a preset: it claims no FID, and its settings win over the preset's
-            assert "FID" not in comment, f"a README command that changes the preset's sampling states a FID: {overrides}"
+            assert "FID" not in comment, f"a documented command that changes the preset's sampling states a FID: {overrides}"
             sampling = compose_config("sample_fid", SampleFIDConfig, overrides).sampling
             assert {key: str(getattr(sampling, key.removeprefix("sampling."))) for key in changed} == changed
             continue
@@ -101,8 +105,7 @@ def test_readme_fid_commands_resolve_to_the_presets(published):
         extra = [o.split("=", 1)[0] for o in overrides if not o.startswith("preset=")]
         assert set(extra) <= {"checkpoint", "vq_ckpt", "output_dir", "batch_size", "device"}, overrides
         assert compose_config("sample_fid", SampleFIDConfig, overrides).sampling == preset_config(preset).sampling
-        fid = published[system]["models"][model].get("expected_fid", published[system]["models"][model].get("readme_fid"))
-        assert f"FID {fid}" in comment, f"README command for {preset} must state the authors' FID {fid}"
+        assert checkpoint_file(overrides) == published[system]["models"][model]["file"].split()[0], overrides
         seen.add(preset)
     assert seen == set(PRESETS)
 

@@ -35,7 +35,7 @@ from arpg.train import TrainConfig, train
 
 def _default_strategies() -> dict[str, dict[str, Any]]:
     return {
-        "published": {"schedule": "arccos", "cfg_schedule": "constant"},  # random order, arccos, constant cfg
+        "arccos_constant": {"schedule": "arccos", "cfg_schedule": "constant"},  # random order, arccos, constant cfg
         "random": {},
         "halton": {"order": "halton"},
         "locality": {"order": "locality"},
@@ -57,14 +57,14 @@ class BenchQualityConfig:
     # The table's columns: name -> SamplingOptions fields that differ from `sampling` (each row sets steps).
     strategies: dict[str, dict[str, Any]] = field(default_factory=_default_strategies)
     # What every strategy starts from (configs/sampling/digits.yaml, the default run's): random order,
-    # the growing "cube" schedule, guidance rising to 3 (published ramp), temperature 1.
+    # the growing "cube" schedule, guidance rising to 3 (the published linear ramp), temperature 1.
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(schedule="cube", cfg=3.0,
                                                                               cfg_schedule="linear"))
     batch_size: int = 500
     seed: int = 0  # sampling; every cell uses the same seed (common random numbers)
     judge_seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    grid_strategies: list[str] = field(default_factory=lambda: ["published", "confidence"])  # drawn beside real digits
+    grid_strategies: list[str] = field(default_factory=lambda: ["arccos_constant", "confidence"])  # drawn beside real digits
     grid_steps: int = 8
     output_json: str = "docs/bench_quality.json"
     output_plot: str = "docs/bench_quality.png"
