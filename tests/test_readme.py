@@ -429,6 +429,20 @@ def speed_environment(report: dict) -> str:
             f"{env['load_average_end'][0]:.2f} at the end")
 
 
+def default_run_table(record: dict) -> str:
+    lines = ["| CPU | kernels | final loss | digits accuracy | wall clock |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['cpu_kind']} | {r['kernels']}{f' (`{e}`)' if (e := r['env']) else ''} | {r['final_loss']:.4f} | "
+              f"{r['digits_accuracy']:.1%} | {r['wall_s'] / 60:.1f} min |" for r in record["runs"]]
+    return "\n".join(lines)
+
+
+def default_run_spread(record: dict) -> str:
+    losses = [r["final_loss"] for r in record["runs"]]
+    accuracies = [r["digits_accuracy"] for r in record["runs"]]
+    return (f"final loss {min(losses):.2f} to {max(losses):.2f} and {min(accuracies):.1%} to {max(accuracies):.1%} "
+            f"of the samples recognised")
+
+
 def training_table(report: dict) -> str:
     lines = ["| training step | batch x tokens | tokens/s | of the measured matmul speed | peak MiB |",
              "|---|---:|---:|---:|---:|"]
@@ -451,8 +465,10 @@ def test_benchmark_tables_are_the_committed_json():
     the message is the table to paste."""
     page = docs_text("docs/benchmarks.md")
     bench = {name: json.loads(docs_text(f"docs/bench_{name}.json")) for name in ("sample", "quality", "families")}
+    default = json.loads(docs_text("docs/digits_default.json"))
     for table in (speed_table(bench["sample"]), speed_environment(bench["sample"]), training_table(bench["sample"]),
-                  quality_table(bench["quality"]), families_table(bench["families"])):
+                  quality_table(bench["quality"]), families_table(bench["families"]),
+                  default_run_table(default), default_run_spread(default)):
         assert table in page, f"docs/benchmarks.md should hold:\n{table}"
     judge = bench["quality"]["judge"]["held_out_accuracy"]
     assert f"reads {judge:.1%} of held-out real digits" in page
