@@ -270,6 +270,7 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
               f"{optim.grad_accum} micro-batch(es)) on {device}"
               + (f"; resuming from {resume_path} at step {run.step}" if resume_path else ""))
     world, rank, accum = accelerator.num_processes, accelerator.process_index, optim.grad_accum
+    fixed_order = config.model.family.fixed_order  # LlamaGen / PAR: their own sequence, no order input
     micro = optim.batch_size // (world * accum)
     progress = _Progress(run, end_step, tokens_per_step=optim.batch_size * h * w)
     checkpoint = resume_path  # until this invocation writes one
@@ -293,13 +294,14 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
                 raw_model.check_inputs(tokens, labels)  # on the CPU, so the forward needs no device sync
                 tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 generator = _micro_batch_generator(config, run.step, rank * accum + a, device)
-                # An ARPG order when one is set (made by make_order: a permutation by construction);
-                # otherwise the model's own (ARPG: random from `generator`).
-                order = {} if config.order is None else {
-                    "order": make_order(config.order, micro, h, w, generator=generator, device=device)}
+                # The draws the forward would make (ARPG's order, random unless set, then class
+                # dropout), made here: torch.compile cannot trace draws from a generator.
+                order = {} if fixed_order else {
+                    "order": make_order(config.order or "random", micro, h, w, generator=generator, device=device)}
+                labels = raw_model.condition.drop(labels, plan.model_config.class_dropout_prob, generator)
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
-                    _, loss = train_model(tokens, labels, generator=generator, check=False, **order)
+                    _, loss = train_model(tokens, labels, check=False, drop_labels=False, return_logits=False, **order)
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
             grad_norm = None

