@@ -5,8 +5,12 @@ memory-mapped published checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -15,9 +19,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from arpg import create_model
+from arpg.checkpoint import load_model
 from arpg.cli import compose_config
+from arpg.errors import SettingError
+from arpg.eval import extract_features
 from arpg.models.arpg import ARPG
+from arpg.runtime import tf32
 from arpg.train import TrainConfig, train
+from arpg.train.loop import _fsdp_plugin, _make_accelerator
 from arpg.train.state import EMA, Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
@@ -115,3 +124,83 @@ def test_only_the_main_process_copies_the_ema_to_the_cpu(monkeypatch):
     assert state.keys() == model.state_dict().keys()
     for name, tensor in ema_model.state_dict().items():
         assert torch.equal(tensor, state[name]) and torch.equal(tensor, model.state_dict()[name])
+
+
+def test_fsdp_reduces_gradients_in_float32_under_bf16():
+    """FSDP2 gathers parameters in bf16 but sums gradients in float32, as DDP does; accelerate sets
+    its own policy (bf16 reductions) on GPU processes unless one is given, which it keeps."""
+    for precision, low in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        plugin = _fsdp_plugin(precision)
+        plugin.set_mixed_precision(precision)  # what accelerate's state does on a GPU process
+        policy = plugin.mixed_precision_policy
+        assert (policy.param_dtype, policy.reduce_dtype) == (low, torch.float32)
+    assert _fsdp_plugin("no").mixed_precision_policy is None  # float32 throughout
+
+
+def test_process_group_timeout_comes_from_the_setting():
+    default = make_config(*SMALL).runtime
+    assert default.collective_timeout_minutes == 60
+    for minutes in (default.collective_timeout_minutes, 5):
+        accelerator = _make_accelerator(dataclasses.replace(default, collective_timeout_minutes=minutes))
+        assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(minutes=minutes)}
+    with pytest.raises(SettingError, match="runtime.collective_timeout_minutes"):
+        train(make_config(*SMALL, "runtime.collective_timeout_minutes=0"))
+
+
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_training_runs_under_its_tf32_setting_and_restores_the_flags(tmp_path, monkeypatch, setting):
+    before, seen = _tf32_flags(), set()
+    forward = ARPG.forward
+
+    def recording_forward(self, *args, **kwargs):
+        seen.add(_tf32_flags())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ARPG, "forward", recording_forward)
+    train(make_config(*SMALL, "max_steps=1", f"runtime.tf32={str(setting).lower()}", f"out_dir={tmp_path}"))
+    assert seen == {(setting, setting)} and _tf32_flags() == before
+
+
+def test_fid_features_are_extracted_in_true_float32():
+    seen = set()
+
+    def extractor(images):
+        seen.add(_tf32_flags())
+        return np.zeros((len(images), 2)), np.full((len(images), 2), 0.5)
+
+    before = _tf32_flags()
+    with tf32(True):
+        features, _ = extract_features(extractor, np.zeros((3, 4, 4, 3), np.uint8), batch_size=2)
+        assert _tf32_flags() == (True, True)
+    assert seen == {(False, False)} and features.shape == (3, 2) and _tf32_flags() == before
+
+
+def _mapped_from(path: Path, tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s memory is a mapping of the file at `path` (Linux: /proc/self/maps)."""
+    address, target = tensor.untyped_storage().data_ptr(), str(path.resolve())
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the memory map of a Linux process")
+def test_published_pt_files_are_memory_mapped_not_read(tmp_path):
+    """Processes that load one published `.pt` share its pages instead of each holding a copy."""
+    model = create_model("ARPG-tiny", dim=64, vocab_size=32, block_size=16, num_classes=10)
+    path = tmp_path / "published.pt"
+    torch.save({"model": model.state_dict(), "optimizer": {"state": {0: torch.zeros(1000)}}}, path)
+    loaded = load_model(path, model_name="ARPG-tiny", dim=64, block_size=16)
+    assert all(_mapped_from(path, p) for p in loaded.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), model.parameters()))
+    legacy = tmp_path / "legacy.pt"  # torch.save's format before 1.6 cannot be mapped: read whole
+    torch.save({"model": model.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_model(legacy, model_name="ARPG-tiny", dim=64, block_size=16).head.weight,
+                       model.head.weight)

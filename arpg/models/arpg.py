@@ -487,7 +487,8 @@ def _check_permutations(order: Tensor) -> None:
     compiled forward leaves it out of its graph)."""
     B, T = order.shape
     expected = torch.arange(T, device=order.device).expand(B, T)
-    require(torch.equal(order.sort(dim=1).values, expected), f"order must hold a permutation of 0..{T - 1} in every row")
+    require(torch.equal(order.sort(dim=1).values, expected),
+            f"order must hold a permutation of 0..{T - 1} in every row")
 
 
 def _as_rotation(rope: Tensor | Rotation) -> Rotation:
