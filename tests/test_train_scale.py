@@ -53,6 +53,26 @@ def test_compiled_training_step_is_one_graph(tmp_path, monkeypatch, family):
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("name", ["ARPG-tiny", "LlamaGen-tiny"])
+def test_compiled_training_forward_takes_any_batch_size_after_one_recompile(name):
+    """The input checks do not pin the batch size into the graph: torch.compile's first recompile
+    makes it dynamic (a size formatted into a message would pin it: one graph per size)."""
+    torch.manual_seed(0)
+    model = create_model(name, dim=32, n_layer=2, n_head=2, vocab_size=17, block_size=16, num_classes=10).train()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend=counter)
+        for batch in (4, 6, 8, 5):
+            order = {} if name.startswith("LlamaGen") else {"order": torch.rand(batch, 16).argsort(1)}
+            _, loss = compiled(torch.randint(0, 17, (batch, 16)), torch.randint(0, 10, (batch,)), check=False,
+                               drop_labels=False, return_logits=False, **order)
+            loss.backward()
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 2
+
+
 class PeakMemory(TorchDispatchMode):
     """The peak bytes held by the tensors that the operations inside the block create (storages
     alive at once; the parameters and inputs made before are not counted)."""

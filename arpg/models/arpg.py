@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from arpg.condition import ClassCondition
-from arpg.errors import require
+from arpg.errors import SettingError, require
 from arpg.models.base import GridGenerator, TransformerConfig
 from arpg.orders import DecodeRules, random_order
 from arpg.models.layers import (FeedForward, RMSNorm, Rotation, attention, block_causal_mask, merge_heads,
@@ -388,8 +388,9 @@ class ARPG(GridGenerator):
         order row must be a permutation."""
         B, T = super().check_inputs(tokens, labels, values=values)
         if order is not None:
-            require(order.shape == (B, T) and not order.dtype.is_floating_point,
-                    f"order must be an integer tensor of shape ({B}, {T}), got {order.dtype} {tuple(order.shape)}")
+            if order.shape != (B, T) or order.dtype.is_floating_point:  # formatted on failure only (see base)
+                raise SettingError(f"order must be an integer tensor of shape ({B}, {T}), got {order.dtype} "
+                                   f"{tuple(order.shape)}")
             if values:
                 _check_permutations(order)
         return B, T
