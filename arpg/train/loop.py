@@ -309,8 +309,9 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
                 raw_model.check_inputs(tokens, labels)  # on the CPU, so the forward needs no device sync
                 tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 generator = _micro_batch_generator(config, run.step, rank * accum + a, device)
-                # The draws the forward would make (ARPG's order, random unless set, then class
-                # dropout), made here: torch.compile cannot trace draws from a generator.
+                # The draws the forward would make, in its order (ARPG's order, random unless set: a
+                # permutation by construction; then class dropout), made here because torch.compile
+                # cannot trace draws from a generator.
                 order = {} if fixed_order else {
                     "order": make_order(config.order or "random", micro, h, w, generator=generator, device=device)}
                 labels = raw_model.condition.drop(labels, plan.model_config.class_dropout_prob, generator)
