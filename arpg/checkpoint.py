@@ -60,7 +60,9 @@ def _read_checkpoint(path: str | Path, weights: str) -> tuple[dict[str, Tensor],
     if _is_safetensors(path):
         return _load_safetensors(path)
 
-    obj = read_torch_file(path)
+    # Mapped, not read: each of 8 processes would otherwise hold its own copy of the whole file
+    # (optimizer states included) in host memory.
+    obj = read_torch_file(path, mmap=True)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     config = _config_from_checkpoint(obj)

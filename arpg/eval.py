@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from arpg.errors import MissingPrerequisites, require
 from arpg.files import read_torch_file
-from arpg.runtime import resolve_device
+from arpg.runtime import resolve_device, tf32
 
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -325,7 +325,8 @@ def extract_features(extractor: FeatureExtractor, images: np.ndarray | NpzImages
     else:
         batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
     features, probs = [], []
-    with tqdm(total=len(images), desc=desc, unit="img") as progress:
+    # True float32: TF32 convolutions (cuDNN's default) would move the features of a CUDA run.
+    with tf32(False), tqdm(total=len(images), desc=desc, unit="img") as progress:
         for batch in batches:
             batch_features, batch_probs = extractor(batch)
             features.append(np.asarray(batch_features, np.float64))

@@ -21,6 +21,7 @@ import os
 import socket
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -156,14 +157,16 @@ def _read_lock(fd: int) -> str:
 
 def read_torch_file(path: str | Path, mmap: bool = False) -> Any:
     """Load a `.pt` file safely (`weights_only=True`, on the CPU), with a one-line error for files
-    that are missing, truncated, corrupt or not torch.save output."""
+    that are missing, truncated, corrupt or not torch.save output. `mmap` maps the tensors from
+    the file instead of reading them into memory, so processes loading one file share its pages
+    (files in torch's zip format, which torch.save writes since 1.6; older ones are read whole)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     try:
         # Published training checkpoints pickle their argparse Namespace under "args".
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # torch raises several unrelated types for damaged files
         # torch's own message may advise weights_only=False, i.e. running the file's code: not shown.
         raise ValueError(f"{path} is not a readable PyTorch file: truncated, corrupt, not written by torch.save, "

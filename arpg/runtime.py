@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -108,6 +109,21 @@ def training_precision(setting: str, device: torch.device) -> str:
     if setting in ("auto", "bf16"):
         return "bf16" if use_bf16(None if setting == "auto" else True, device) else "no"
     return setting
+
+
+@contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """Inside the block, float32 matmuls (cuBLAS) and convolutions (cuDNN) on CUDA run in TF32
+    (10-bit mantissa, tensor cores) when `enabled`, in true float32 otherwise; the previous flags
+    are restored after it. PyTorch's own defaults differ between the two (matmuls float32,
+    convolutions TF32), so callers state their policy: training follows `runtime.tf32`, FID
+    features are true float32. bf16 math and everything on a CPU are unaffected."""
+    matmul, convolution = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, convolution
 
 
 @functools.cache

@@ -65,9 +65,9 @@ PRECISION_CHOICES = ("autocast", "bf16")
 # another batch size, device or image count.
 _NOT_RECORDED = ("num_images", "batch_size", "output_dir", "device", "write_threads")
 _NOT_RECORDED_SAMPLING = ("amp", "compile")
-# Ranks meet after rank 0 prepares the folder, after listing it and loading the model, and after
-# sampling. Sampling is balanced to within one batch, so waits are short; the limit only has to
-# outlast loading the largest model.
+# Ranks meet when rank 0 has prepared and listed the folder and every rank has loaded the model,
+# and after sampling. Sampling is balanced to within one batch, so waits are short; the limit only
+# has to outlast loading the largest model.
 _BARRIER_TIMEOUT = timedelta(hours=1)
 
 
@@ -146,11 +146,9 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
             remove_partial_writes(npz.parent, npz.name)
             text = json.dumps(settings, indent=1)
             atomic_write(output_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(text))
-        _barrier(device)
-        # Every rank lists the folder after rank 0's cleanup and before anyone writes, so all ranks
-        # agree on the missing indices without exchanging them.
-        missing = _missing_indices(output_dir, config.num_images)
-        _barrier(device)
+        # Rank 0 lists the folder after its cleanup and before anyone writes, and hands the list
+        # to the others: nodes can see different listings of a shared (NFS) folder.
+        missing = _from_rank0(_missing_indices(output_dir, config.num_images) if rank == 0 else None, device)
 
         batches = [missing[i:i + config.batch_size] for i in range(0, len(missing), config.batch_size)]
         started = time.perf_counter()
@@ -289,6 +287,15 @@ def _setup_processes(device_name: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_BARRIER_TIMEOUT)
     return rank, world, device
+
+
+def _from_rank0(value, device: torch.device):
+    """Rank 0's `value` on every rank (a picklable object)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
 
 
 def _barrier(device: torch.device) -> None:

@@ -214,3 +214,38 @@ def test_yaml_configs_mirror_the_dataclasses():
     assert compose_config("evaluate", EvalConfig) == EvalConfig()
     with pytest.raises(ConfigCompositionException, match="stepz"):
         compose_config("sample_fid", SampleFIDConfig, ["checkpoint=x.pt", "stepz=8"])
+
+
+RANK1_SEES_AN_EMPTY_FOLDER = """
+import os, sys
+import arpg.sample_fid as sample_fid
+from arpg.sample import SamplingOptions
+if os.environ["RANK"] == "1":  # a stale listing of a shared folder on another node
+    sample_fid._missing_indices = lambda output_dir, num_images: list(range(num_images))
+checkpoint, vq_ckpt, output_dir = sys.argv[1:]
+sample_fid.sample_fid(sample_fid.SampleFIDConfig(checkpoint=checkpoint, vq_ckpt=vq_ckpt, output_dir=output_dir,
+                                                 num_images=12, sampling=SamplingOptions(steps=4, cfg=2.0),
+                                                 batch_size=4, device="cpu"))
+"""
+
+
+def test_ranks_take_rank_0s_listing_of_the_folder(weights, tmp_path):
+    """Only rank 0 lists the folder: a rank whose view of it is stale (NFS) neither redraws the
+    images that exist nor leaves missing ones undrawn."""
+    out = tmp_path / "samples"
+    sample_fid(make_config(weights, out, num_images=12))
+    identities = file_identities(out, 12)
+    deleted = (2, 5, 11)
+    for i in deleted:
+        image_path(out, i).unlink()
+    npz_path(out).unlink()
+    script = tmp_path / "stale_rank.py"
+    script.write_text(RANK1_SEES_AN_EMPTY_FOLDER)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                    str(weights["checkpoint"]), str(weights["vq_ckpt"]), str(out)],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    after, kept = file_identities(out, 12), [i for i in range(12) if i not in deleted]
+    assert [after[i] for i in kept] == [identities[i] for i in kept]  # never rewritten
+    with np.load(npz_path(out)) as npz:
+        assert npz["arr_0"].shape[0] == 12

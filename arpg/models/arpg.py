@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from arpg.condition import ClassCondition
-from arpg.errors import require
+from arpg.errors import SettingError, require
 from arpg.models.base import GridGenerator, TransformerConfig
 from arpg.orders import DecodeRules, random_order
 from arpg.models.layers import (FeedForward, RMSNorm, Rotation, attention, block_causal_mask, merge_heads,
@@ -310,7 +310,8 @@ class ARPG(GridGenerator):
     # -- training forward -----------------------------------------------------------------------
 
     def forward(self, tokens: Tensor, labels: Tensor, order: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None, check: bool = True) -> tuple[Tensor, Tensor]:
+                generator: Optional[torch.Generator] = None, check: bool = True, drop_labels: bool = True,
+                return_logits: bool = True) -> tuple[Optional[Tensor], Tensor]:
         """Teacher-forced pass over a random (or given) order.
 
         Args:
@@ -322,14 +323,22 @@ class ARPG(GridGenerator):
             check: validate the values of tokens, labels and order (`check_inputs`: host syncs on
                 a GPU); shapes and dtypes are always checked. The training loop, which checks its
                 batches on the CPU and makes its own orders, turns it off.
+            drop_labels: in training mode, replace labels by the null class with the config's
+                `class_dropout_prob`. The training loop draws the order and the dropout itself,
+                outside the compiled forward (torch.compile cannot trace draws from a generator),
+                and turns it off.
+            return_logits: also return the raster-order logits; the training loop needs only the
+                loss and turns it off (they are a float32 (B, T, vocab_size) copy: 2 GiB at batch
+                128 with 16384 codes).
         Returns:
-            logits (B, T, vocab_size) float32 in raster order, and the mean cross-entropy.
+            logits (B, T, vocab_size) float32 in raster order (None without `return_logits`), and
+            the mean cross-entropy.
         """
         B, T = self.check_inputs(tokens, labels, order, values=check)
         device = tokens.device
         if order is None:
             order = random_order(B, T, generator, device)
-        if self.training:
+        if self.training and drop_labels:
             labels = self.condition.drop(labels, self.config.class_dropout_prob, generator)
 
         tokens_in_order = tokens.gather(1, order)  # (B, T)
@@ -341,6 +350,8 @@ class ARPG(GridGenerator):
         logits_in_order = self.target_logits(shared_k, shared_v, order_rope, is_causal=True)
 
         loss = F.cross_entropy(logits_in_order.flatten(0, 1), tokens_in_order.flatten())
+        if not return_logits:
+            return None, loss
         logits = torch.empty_like(logits_in_order).scatter_(
             1, order[..., None].expand_as(logits_in_order), logits_in_order)
         return logits, loss
@@ -371,19 +382,17 @@ class ARPG(GridGenerator):
             return self.head(self.norm(queries)).float()
         return F.linear(rms_norm(queries, weights.norm, self.config.norm_eps), weights.head).float()
 
-    @torch.compiler.disable
     def check_inputs(self, tokens: Tensor, labels: Tensor, order: Optional[Tensor] = None,
                      values: bool = True) -> tuple[int, int]:
         """`GridGenerator.check_inputs`, and an `order` (B, T) of integers; with `values`, every
         order row must be a permutation."""
         B, T = super().check_inputs(tokens, labels, values=values)
         if order is not None:
-            require(order.shape == (B, T) and not order.dtype.is_floating_point,
-                    f"order must be an integer tensor of shape ({B}, {T}), got {order.dtype} {tuple(order.shape)}")
+            if order.shape != (B, T) or order.dtype.is_floating_point:  # formatted on failure only (see base)
+                raise SettingError(f"order must be an integer tensor of shape ({B}, {T}), got {order.dtype} "
+                                   f"{tuple(order.shape)}")
             if values:
-                expected = torch.arange(T, device=order.device).expand(B, T)
-                require(torch.equal(order.sort(dim=1).values, expected),
-                        f"order must hold a permutation of 0..{T - 1} in every row")
+                _check_permutations(order)
         return B, T
 
     # -- cached, step-wise inference (driven by ARPGDecoder) ------------------------------------
@@ -471,6 +480,16 @@ class ARPG(GridGenerator):
         vocab_size = state["head.weight"].shape[0]
         n_layer = 2 * sum(1 for k in state if k.startswith("layers.self_dec.") and k.endswith(".attn_norm.weight"))
         return {"dim": dim, "n_layer": n_layer, "vocab_size": vocab_size, "num_classes": rows - vocab_size - 3}
+
+
+@torch.compiler.disable
+def _check_permutations(order: Tensor) -> None:
+    """Every row of `order` (B, T) holds a permutation of 0..T-1 (a host sync on a GPU, so a
+    compiled forward leaves it out of its graph)."""
+    B, T = order.shape
+    expected = torch.arange(T, device=order.device).expand(B, T)
+    require(torch.equal(order.sort(dim=1).values, expected),
+            f"order must hold a permutation of 0..{T - 1} in every row")
 
 
 def _as_rotation(rope: Tensor | Rotation) -> Rotation:

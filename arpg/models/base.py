@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from arpg.condition import ClassCondition
-from arpg.errors import require
+from arpg.errors import SettingError, require
 from arpg.models.layers import swiglu_hidden_dim
 
 DROPOUT_FIELDS = ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "class_dropout_prob")
@@ -92,19 +92,26 @@ class GridGenerator(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @torch.compiler.disable
     def check_inputs(self, tokens: Tensor, labels: Tensor, values: bool = True) -> tuple[int, int]:
         """(B, T) after checking training inputs: tokens (B, block_size) integers, labels (B,).
         `values` also checks the token range [0, vocab_size) and the class ids; that reads values
-        back (a host sync on a GPU), so the training loop checks them on the CPU side instead."""
+        back (a host sync on a GPU), so the training loop checks them on the CPU side instead.
+        The shape checks trace under torch.compile (their messages are formatted only on failure:
+        a formatted size would specialise the graph to it); the value checks stay out of the graph."""
         cfg = self.config
-        require(tokens.ndim == 2 and tokens.shape[1] == cfg.block_size and not tokens.dtype.is_floating_point,
-                f"tokens must be integers of shape (B, {cfg.block_size}), got {tokens.dtype} {tuple(tokens.shape)}")
+        if not (tokens.ndim == 2 and tokens.shape[1] == cfg.block_size and not tokens.dtype.is_floating_point):
+            raise SettingError(f"tokens must be integers of shape (B, {cfg.block_size}), got {tokens.dtype} "
+                               f"{tuple(tokens.shape)}")
         B, T = tokens.shape
         if not values:
-            require(labels.shape == (B,), f"labels must have shape ({B},), got {tuple(labels.shape)}")
+            if labels.shape != (B,):
+                raise SettingError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
             return B, T
-        require(bool(tokens.min() >= 0) and bool(tokens.max() < cfg.vocab_size),
-                f"tokens must be integers in [0, {cfg.vocab_size}) (vocab_size)")
-        self.condition.check(labels, batch=B)
+        self._check_input_values(tokens, labels)
         return B, T
+
+    @torch.compiler.disable
+    def _check_input_values(self, tokens: Tensor, labels: Tensor) -> None:
+        require(bool(tokens.min() >= 0) and bool(tokens.max() < self.config.vocab_size),
+                f"tokens must be integers in [0, {self.config.vocab_size}) (vocab_size)")
+        self.condition.check(labels, batch=tokens.shape[0])

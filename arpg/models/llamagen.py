@@ -241,7 +241,8 @@ class LlamaGen(GridGenerator):
     # -- training forward -----------------------------------------------------------------------
 
     def forward(self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None,
-                check: bool = True) -> tuple[Tensor, Tensor]:
+                check: bool = True, drop_labels: bool = True,
+                return_logits: bool = True) -> tuple[Optional[Tensor], Tensor]:
         """Teacher-forced pass over the model's own sequence (raster, or PAR's regions).
 
         Args:
@@ -250,12 +251,15 @@ class LlamaGen(GridGenerator):
             generator: RNG for class dropout (training only).
             check: validate the values of tokens and labels (`check_inputs`); shapes and dtypes
                 are always checked.
+            drop_labels, return_logits: as in `ARPG.forward` (the training loop drops the labels
+                itself and needs only the loss).
         Returns:
-            logits (B, T, vocab_size) float32 in raster order, and the mean cross-entropy.
+            logits (B, T, vocab_size) float32 in raster order (None without `return_logits`), and
+            the mean cross-entropy.
         """
         B, T = self.check_inputs(tokens, labels, values=check)
         n, device = self.config.regions, tokens.device
-        if self.training:
+        if self.training and drop_labels:
             labels = self.condition.drop(labels, self.config.class_dropout_prob, generator)
         order = self.slot_order(device)  # (T,)
         slots = tokens[:, order]  # (B, T) in slot order
@@ -269,6 +273,8 @@ class LlamaGen(GridGenerator):
         h = self.transformer(self.tok_dropout(x), rope, attn_mask=mask, is_causal=n == 1)
         logits_in_slots = self.head(h[:, :T])  # input k predicts slot k; the last n - 1 inputs are unused
         loss = F.cross_entropy(logits_in_slots.flatten(0, 1), slots.flatten())
+        if not return_logits:
+            return None, loss
         return torch.empty_like(logits_in_slots).index_copy_(1, order, logits_in_slots), loss
 
     # -- decoding and checkpoints ---------------------------------------------------------------

@@ -46,8 +46,9 @@ from arpg.errors import require
 from arpg.files import atomic_write
 from arpg.models import create_model
 from arpg.orders import decode_schedule
-from arpg.runtime import cpu_description, fast_bf16, resolve_device, set_cpu_threads
+from arpg.runtime import cpu_description, fast_bf16, resolve_device, set_cpu_threads, tf32
 from arpg.sample import SamplingOptions, generate
+from arpg.train.config import RuntimeSettings
 
 MODES = {
     "eager": {},
@@ -291,8 +292,8 @@ def _ceiling(config: BenchSampleConfig, model: torch.nn.Module, name: str, devic
 def _training_row(config: BenchSampleConfig, name: str, precision: str, device: torch.device,
                   peak: Optional[float]) -> dict:
     """Tokens/s and MFU of AdamW training steps (batch `train_batch`, random tokens and orders;
-    bf16: autocast over float32 weights). On the CPU without `peak`, MFU is against the measured
-    matmul throughput at the training shapes."""
+    bf16: autocast over float32 weights; float32 under training's default TF32 setting). On the CPU
+    without `peak`, MFU is against the measured matmul throughput at the training shapes."""
     T = config.grid ** 2
     bf16 = PRECISIONS[precision]
     model = _model(config, name, device).train()
@@ -305,8 +306,8 @@ def _training_row(config: BenchSampleConfig, name: str, precision: str, device: 
 
     def steps(n: int) -> None:
         for _ in range(n):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                _, loss = model(tokens, labels, order, check=False)
+            with tf32(RuntimeSettings.tf32), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                _, loss = model(tokens, labels, order, check=False, return_logits=False)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -104,6 +104,13 @@ class RuntimeSettings:
     threads: int = 1  # CPU intra-op threads per process (0: torch's default); see arpg.runtime.set_cpu_threads
     strategy: str = "ddp"  # "ddp" (replicate) | "fsdp" (shard params/grads/optimizer, FSDP2)
     compile: bool = False  # torch.compile the training forward/backward
+    # How long a process waits for the others at a collective before the job fails. The others wait
+    # while the main process writes a checkpoint or draws a sample grid: a 3B model's state with
+    # its optimizer is ~50 GB, longer to write than NCCL's default 10 minutes on slow disks.
+    collective_timeout_minutes: float = 60.0
+    # float32 matmuls and convolutions on CUDA in TF32 (10-bit mantissa, as most training recipes
+    # run them; bf16 autocast matmuls are unaffected); false: true float32 (slower on tensor cores)
+    tf32: bool = True
 
 
 @dataclass
@@ -187,6 +194,8 @@ def validate(config: TrainConfig) -> None:
             f"runtime.mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {r.mixed_precision!r}")
     require(isinstance(r.threads, int) and r.threads >= 0, f"runtime.threads must be an int >= 0 (0: torch's default), got {r.threads!r}")
     require(r.strategy in STRATEGY_CHOICES, f"runtime.strategy must be one of {STRATEGY_CHOICES}, got {r.strategy!r}")
+    require(r.collective_timeout_minutes > 0,
+            f"runtime.collective_timeout_minutes must be > 0, got {r.collective_timeout_minutes}")
     require(config.order is None or config.order in ORDERS,
             f"order must be one of {sorted(ORDERS)} or null, got {config.order!r}")
     tokenizers = (*TOKENIZER_CHOICES, "none")

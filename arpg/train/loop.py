@@ -40,7 +40,7 @@ from arpg.images import save_grid
 from arpg.models import build_model
 from arpg.orders import make_order
 from arpg.quality import digits_class_accuracy
-from arpg.runtime import derive_seed, set_cpu_threads, training_precision, worker_count
+from arpg.runtime import derive_seed, set_cpu_threads, tf32, training_precision, worker_count
 from arpg.sample import generate
 from arpg.tokenizer import load_tokenizer
 from arpg.train.config import (GridSettings, OptimSettings, RunPlan, RuntimeSettings, TrainConfig, TrainResult,
@@ -91,29 +91,43 @@ def _save_sample_grid(model: nn.Module, config: TrainConfig, tokenizer, path: Pa
 
 
 def _make_accelerator(runtime: RuntimeSettings):
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     # accelerate keeps precision and sharding settings in a process-wide singleton that refuses to
     # change; train() may run several times in one process (tests, notebooks) with other settings.
     # The distributed setup itself (PartialState) is kept.
     AcceleratorState._reset_state()
-    fsdp_plugin = None
-    if runtime.strategy == "fsdp":
-        # The blocks to wrap come from the model's `_no_split_modules` (each family names its own).
-        fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-            reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
     cpu = runtime.device == "cpu" or not torch.cuda.is_available()
     precision = training_precision(runtime.mixed_precision, torch.device("cpu" if cpu else "cuda"))
-    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=precision, fsdp_plugin=fsdp_plugin)
+    fsdp_plugin = _fsdp_plugin(precision) if runtime.strategy == "fsdp" else None
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=runtime.collective_timeout_minutes))
+    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=precision, fsdp_plugin=fsdp_plugin,
+                              kwargs_handlers=[timeout])
     if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # accelerate enables FSDP for GPU processes only and silently falls back to DDP on CPU ones;
         # FSDP2 itself shards over gloo as well, so CPU runs shard like GPU runs (and CI tests it).
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = fsdp_plugin
     return accelerator
+
+
+def _fsdp_plugin(precision: str):
+    """accelerate's FSDP2 plugin for accelerate's `precision` ("no", "bf16", "fp16"). Parameters are
+    gathered in the low precision for the forward and backward (half the traffic), but gradients
+    are reduced in float32, as DDP reduces them: accelerate's own policy would sum them in bf16."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # The blocks to wrap come from the model's `_no_split_modules` (each family names its own).
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT",
+        mixed_precision_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else None)
 
 
 def _optimizer(model: nn.Module, optim: OptimSettings, device: torch.device) -> torch.optim.AdamW:
@@ -202,7 +216,8 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator = _make_accelerator(config.runtime)
     validate_processes(config.optim, accelerator.num_processes)
     out_dir = Path(config.out_dir).resolve()
-    with FolderLock(out_dir, "training") if accelerator.is_main_process else nullcontext():
+    lock = FolderLock(out_dir, "training") if accelerator.is_main_process else nullcontext()
+    with tf32(config.runtime.tf32), lock:
         return _train(config, dataset, plan, accelerator, started)
 
 
@@ -270,6 +285,7 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
               f"{optim.grad_accum} micro-batch(es)) on {device}"
               + (f"; resuming from {resume_path} at step {run.step}" if resume_path else ""))
     world, rank, accum = accelerator.num_processes, accelerator.process_index, optim.grad_accum
+    fixed_order = config.model.family.fixed_order  # LlamaGen / PAR: their own sequence, no order input
     micro = optim.batch_size // (world * accum)
     progress = _Progress(run, end_step, tokens_per_step=optim.batch_size * h * w)
     checkpoint = resume_path  # until this invocation writes one
@@ -293,13 +309,15 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
                 raw_model.check_inputs(tokens, labels)  # on the CPU, so the forward needs no device sync
                 tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 generator = _micro_batch_generator(config, run.step, rank * accum + a, device)
-                # An ARPG order when one is set (made by make_order: a permutation by construction);
-                # otherwise the model's own (ARPG: random from `generator`).
-                order = {} if config.order is None else {
-                    "order": make_order(config.order, micro, h, w, generator=generator, device=device)}
+                # The draws the forward would make, in its order (ARPG's order, random unless set: a
+                # permutation by construction; then class dropout), made here because torch.compile
+                # cannot trace draws from a generator.
+                order = {} if fixed_order else {
+                    "order": make_order(config.order or "random", micro, h, w, generator=generator, device=device)}
+                labels = raw_model.condition.drop(labels, plan.model_config.class_dropout_prob, generator)
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
-                    _, loss = train_model(tokens, labels, generator=generator, check=False, **order)
+                    _, loss = train_model(tokens, labels, check=False, drop_labels=False, return_logits=False, **order)
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
             grad_norm = None

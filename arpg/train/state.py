@@ -57,9 +57,16 @@ class EMA:
         params = [p.detach().float() for p in model.parameters()]
         torch._foreach_lerp_(self.tensors, params, 1.0 - self.decay)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Full CPU tensors by parameter name (gathers shards: call on every process)."""
-        return {name: _full(t).cpu() for name, t in zip(self.names, self.tensors)}
+    def state_dict(self, keep: bool = True) -> Optional[dict[str, Tensor]]:
+        """Full CPU tensors by parameter name where `keep` (the main process), None elsewhere.
+        Gathering shards is collective, so call it on every process; only where `keep` is anything
+        copied to the CPU (a full copy on every process would be world x the EMA in host memory)."""
+        state = {}
+        for name, t in zip(self.names, self.tensors):
+            whole = _full(t)
+            if keep:
+                state[name] = whole.cpu()
+        return state if keep else None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -200,7 +207,7 @@ class Run:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.model, options=options)
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        ema_state = self.ema.state_dict()
+        ema_state = self.ema.state_dict(keep=self.accelerator.is_main_process)
         rng_states = gather_object([_rng_state()])  # one per process, by rank
         path = self.ckpt_dir / f"step_{self.step:07d}.pt"
         if self.accelerator.is_main_process:
@@ -264,8 +271,8 @@ class Run:
     def ema_model(self) -> Optional[nn.Module]:
         """A fresh model holding the EMA weights, in eval mode on the main process's device; None on
         the other processes (call on every process: gathering FSDP shards is collective)."""
-        state = self.ema.state_dict()
-        if not self.accelerator.is_main_process:
+        state = self.ema.state_dict(keep=self.accelerator.is_main_process)
+        if state is None:
             return None
         with torch.device("meta"):
             model = build_model(self.model_config)
