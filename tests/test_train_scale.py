@@ -84,11 +84,12 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # forget freed storages first: a new one may reuse a freed one's address
+        self.live = {ptr: (ref, size) for ptr, (ref, size) in self.live.items() if not ref.expired()}
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
                 self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
-        self.live = {ptr: (ref, size) for ptr, (ref, size) in self.live.items() if not ref.expired()}
         self.peak = max(self.peak, sum(size for _, size in self.live.values()))
         return out
 
@@ -103,13 +104,14 @@ def test_training_step_without_raster_logits_peaks_one_logits_tensor_lower():
     tokens, labels, order = torch.randint(0, V, (B, T)), torch.randint(0, 10, (B,)), torch.rand(B, T).argsort(1)
     peaks, losses = {}, {}
     for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)  # both steps allocate their gradients
         with PeakMemory() as memory:
             logits, loss = model(tokens, labels, order, check=False, return_logits=return_logits)
             loss.backward()
         peaks[return_logits], losses[return_logits] = memory.peak, loss
         assert (logits is None) == (not return_logits)
     assert torch.equal(losses[True], losses[False])
-    assert peaks[True] - peaks[False] >= B * T * V * 4
+    assert peaks[True] - peaks[False] >= B * T * V * 4, peaks
 
 
 def test_training_loop_asks_for_the_loss_only(tmp_path, monkeypatch):
