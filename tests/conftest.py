@@ -92,3 +92,16 @@ def run_script(name: str, *overrides: str) -> int:
     finally:
         sys.argv = argv
     return 0
+
+
+def in_child(fn) -> int:
+    """Run fn() in a forked copy of this process; its exit status (-9: killed by SIGKILL)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

@@ -30,6 +30,8 @@ from arpg.tokenizer import VQConfig, VQTokenizer
 from arpg.train import TrainConfig, TrainResult, learning_rate, train
 from arpg.train.config import resolve
 
+from conftest import in_child
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A model small enough that a step takes milliseconds; dropout on, so resume must restore it too.
@@ -356,19 +358,6 @@ def test_training_on_codes_takes_tokenizer_classes_and_name_from_the_data(tmp_pa
 FAULTS = [*RESUME, "keep_checkpoints=2", "sample.per_class=1"]
 
 
-def _in_child(fn) -> int:
-    """Run fn() in a forked copy of this process; its exit status (-9: killed by SIGKILL)."""
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-
 def _probe_writes(kill_at: int | None, events: list[str]) -> None:
     """In a child: record every write event of the run in `events`, and SIGKILL the process at the
     `kill_at`-th (1-based). Events: an optimizer step; a file fully written to its temporary name
@@ -448,15 +437,15 @@ def _kill_and_resume(tmp_path: Path, every: int | None = None, only: tuple[str, 
 
     run(tmp_path / "reference")  # in this process: the children forked from it start warm
     expected = _final_outputs(tmp_path / "reference")
-    assert _in_child(counted) == 0
+    assert in_child(counted) == 0
     events = log.read_text().splitlines()
     _assert_same(_final_outputs(tmp_path / "counted"), expected, "a forked uninterrupted run")
     points = range(1, len(events) + 1) if not only else [events.index(kind) + 1 for kind in only]
     for point in points:
         out_dir = tmp_path / f"killed_at_{point}"
-        assert _in_child(lambda: (_probe_writes(point, []), run(out_dir))) == -signal.SIGKILL, \
+        assert in_child(lambda: (_probe_writes(point, []), run(out_dir))) == -signal.SIGKILL, \
             f"event {point} ({events[point - 1]}) did not kill the run"
-        assert _in_child(lambda: run(out_dir)) == 0
+        assert in_child(lambda: run(out_dir)) == 0
         _assert_same(_final_outputs(out_dir), expected, f"killed at {point} ({events[point - 1]})")
         leftovers = [p.name for p in out_dir.rglob("*") if p.name.endswith((".tmp", ".corrupt")) or p.name == LOCK_NAME]
         assert not leftovers, f"killed at {point} ({events[point - 1]}): {leftovers}"

@@ -29,6 +29,8 @@ from arpg.train import TrainConfig, train
 from arpg.train.loop import _fsdp_plugin, _make_accelerator
 from arpg.train.state import EMA, Run
 
+from conftest import in_child
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 SMALL = ["model.dim=32", "model.n_layer=2", "model.n_head=2", "model.multiple_of=32", "optim.batch_size=16",
@@ -39,38 +41,51 @@ def make_config(*overrides: str) -> TrainConfig:
     return compose_config("train", TrainConfig, overrides)
 
 
+def graphs_in_child(run, tmp_path: Path) -> int:
+    """The graphs torch.compile traces while `run(counter)` runs in a forked child. A compiled
+    backward starts autograd's worker threads, after which this process could no longer fork
+    children that train (the fault-injection tests do): so it runs in a child."""
+    result = tmp_path / "graphs.txt"
+
+    def child() -> None:
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        run(counter)
+        result.write_text(str(counter.frame_count))
+
+    assert in_child(child) == 0
+    return int(result.read_text())
+
+
 @pytest.mark.parametrize("family", [[], ["order=raster"], ["experiment=digits_llamagen"], ["experiment=digits_par"]])
 def test_compiled_training_step_is_one_graph(tmp_path, monkeypatch, family):
     """runtime.compile: the forward of a training step traces as one graph (no break at the input
     check or at the draws of order and class dropout), and the next steps reuse it."""
-    counter, compile_ = CompileCounter(), torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend=counter))
-    torch._dynamo.reset()
-    try:
-        train(make_config(*SMALL, *family, "max_steps=3", "runtime.compile=true", f"out_dir={tmp_path}"))
-    finally:
-        torch._dynamo.reset()
-    assert counter.frame_count == 1
+    compile_ = torch.compile
+
+    def run(counter: CompileCounter) -> None:
+        monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend=counter))
+        train(make_config(*SMALL, *family, "max_steps=3", "runtime.compile=true", f"out_dir={tmp_path / 'run'}"))
+
+    assert graphs_in_child(run, tmp_path) == 1
 
 
 @pytest.mark.parametrize("name", ["ARPG-tiny", "LlamaGen-tiny"])
-def test_compiled_training_forward_takes_any_batch_size_after_one_recompile(name):
+def test_compiled_training_forward_takes_any_batch_size_after_one_recompile(name, tmp_path):
     """The input checks do not pin the batch size into the graph: torch.compile's first recompile
     makes it dynamic (a size formatted into a message would pin it: one graph per size)."""
     torch.manual_seed(0)
     model = create_model(name, dim=32, n_layer=2, n_head=2, vocab_size=17, block_size=16, num_classes=10).train()
-    counter = CompileCounter()
-    torch._dynamo.reset()
-    try:
+
+    def run(counter: CompileCounter) -> None:
         compiled = torch.compile(model, backend=counter)
         for batch in (4, 6, 8, 5):
             order = {} if name.startswith("LlamaGen") else {"order": torch.rand(batch, 16).argsort(1)}
             _, loss = compiled(torch.randint(0, 17, (batch, 16)), torch.randint(0, 10, (batch,)), check=False,
                                drop_labels=False, return_logits=False, **order)
             loss.backward()
-    finally:
-        torch._dynamo.reset()
-    assert counter.frame_count == 2
+
+    assert graphs_in_child(run, tmp_path) == 2
 
 
 class PeakMemory(TorchDispatchMode):
