@@ -21,11 +21,12 @@ from arpg import create_model
 from arpg.checkpoint import save
 from arpg.cli import compose_config
 from arpg.errors import SettingError
-from arpg.eval import EvalConfig, evaluate_npz, feature_statistics, frechet_distance, precision_recall
+from arpg.eval import EvalConfig, evaluate_npz
 from arpg.files import FolderLock
 from arpg.sample import SamplingOptions
 from arpg.sample_fid import SETTINGS_FILE, SampleFIDConfig, image_path, image_seed, npz_path, sample_fid
 from arpg.tokenizer import VQConfig, VQTokenizer
+from test_eval import _reference_fid, _reference_precision_recall
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 10
@@ -164,10 +165,11 @@ def test_npz_reads_back_through_the_evaluator(weights, tmp_path):
 
     results = evaluate_npz(npz_path(tmp_path / "a"), tmp_path / "ref.npz", extractor=features, splits=2, k=2)
     pngs = read_pngs(tmp_path / "a", 8)
-    expected = frechet_distance(*feature_statistics(features(pngs)[0]), *feature_statistics(features(reference)[0]))
+    expected = _reference_fid(features(pngs)[0], features(reference)[0])
     assert results["num_samples"] == 8 and expected > 1
     assert results["fid"] == pytest.approx(expected, rel=1e-9)
-    assert (results["precision"], results["recall"]) == precision_recall(features(reference)[0], features(pngs)[0], k=2)
+    assert (results["precision"], results["recall"]) == _reference_precision_recall(
+        features(reference)[0], features(pngs)[0], k=2)
 
 
 def test_other_settings_in_the_same_folder_are_refused(weights, tmp_path):
