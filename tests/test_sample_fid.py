@@ -127,7 +127,7 @@ def test_rerun_generates_only_the_missing_images(weights, tmp_path, capsys):
         assert npz["arr_0"].shape[0] == 14
 
 
-@pytest.mark.parametrize("damage", ["missing", "cut short"])
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_npz_is_rebuilt_from_the_pngs_with_nothing_sampled(weights, tmp_path, monkeypatch, capsys, damage):
     """Every PNG there but the npz missing or cut short (a run killed while writing it, a copy cut
     short): the rerun rewrites the npz from the PNGs and samples nothing."""
