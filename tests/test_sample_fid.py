@@ -127,18 +127,20 @@ def test_rerun_generates_only_the_missing_images(weights, tmp_path, capsys):
         assert npz["arr_0"].shape[0] == 14
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "more_images"])
 def test_npz_is_rebuilt_from_the_pngs_with_nothing_sampled(weights, tmp_path, monkeypatch, capsys, damage):
-    """Every PNG there but the npz missing or cut short (a run killed while writing it, a copy cut
-    short): the rerun rewrites the npz from the PNGs and samples nothing."""
+    """Every PNG there but the npz missing, cut short (a run killed while writing it, a copy cut short)
+    or holding more images than now asked for: the rerun rewrites the npz from the PNGs and samples nothing."""
     out = tmp_path / "samples"
     config = make_config(weights, out, num_images=6)
     npz = sample_fid(config)
     identities = file_identities(out, 6)
     if damage == "missing":
         npz.unlink()
-    else:
+    elif damage == "truncated":
         npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    else:
+        config = replace(config, num_images=4)
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("an image was sampled although every PNG exists")
@@ -146,11 +148,12 @@ def test_npz_is_rebuilt_from_the_pngs_with_nothing_sampled(weights, tmp_path, mo
     monkeypatch.setattr("arpg.sample_fid.generate", no_sampling)
     capsys.readouterr()
     assert sample_fid(config) == npz
-    assert "(0 new, 6 kept)" in capsys.readouterr().out
+    count = config.num_images
+    assert f"(0 new, {count} kept)" in capsys.readouterr().out
     assert file_identities(out, 6) == identities  # no PNG rewritten
     with np.load(npz) as data:
-        np.testing.assert_array_equal(data["arr_0"], read_pngs(out, 6))
-        np.testing.assert_array_equal(data["arr_1"], np.arange(6) % NUM_CLASSES)
+        np.testing.assert_array_equal(data["arr_0"], read_pngs(out, count))
+        np.testing.assert_array_equal(data["arr_1"], np.arange(count) % NUM_CLASSES)
 
 
 def test_npz_reads_back_through_the_evaluator(weights, tmp_path):
