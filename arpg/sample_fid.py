@@ -237,7 +237,13 @@ def _read_png(path: Path) -> np.ndarray:
 
 
 def _npz_is_complete(path: Path, num_images: int) -> bool:
-    return path.is_file() and len(NpzImages(path)) == num_images
+    """Whether `path` is a readable `.npz` of `num_images` images; a file cut short is not (it is rewritten)."""
+    if not path.is_file():
+        return False
+    try:
+        return len(NpzImages(path)) == num_images
+    except (ValueError, zipfile.BadZipFile):  # not a zip (its directory is at the end), or not images
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

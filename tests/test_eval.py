@@ -6,12 +6,14 @@ exercised end to end with a small deterministic feature extractor instead.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
 import numpy as np
 import pytest
 import torch
+from scipy.linalg import sqrtm
 
 from arpg.cli import compose_config
 from arpg.errors import MissingPrerequisites
@@ -49,6 +51,40 @@ def _random_covariance(rng: np.random.Generator, dim: int) -> np.ndarray:
     return factor @ factor.T + 0.1 * np.eye(dim)
 
 
+def _reference_frechet(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """The Frechet distance written out from its definition, without the project's code: tr (s1 s2)^(1/2)
+    is the sum of the square roots of the eigenvalues of s1 s2 (real and >= 0: s1 s2 is similar to
+    the PSD s1^(1/2) s2 s1^(1/2))."""
+    eigenvalues = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eigenvalues).sum())
+
+
+def _reference_fid(x: np.ndarray, y: np.ndarray) -> float:
+    """FID of feature sets (N, D) from the definition: means and unbiased (N - 1) covariances."""
+    mu_x, mu_y = x.mean(axis=0), y.mean(axis=0)
+    s_x = (x - mu_x).T @ (x - mu_x) / (len(x) - 1)
+    s_y = (y - mu_y).T @ (y - mu_y) / (len(y) - 1)
+    return _reference_frechet(mu_x, s_x, mu_y, s_y)
+
+
+def _reference_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """k-NN precision and recall (Kynkaanniemi et al.) by brute force over all pairs, without the project's code."""
+    def radii(points):  # distance to the k-th nearest other point: column k of the sorted distances (0 is itself)
+        return np.sort(np.linalg.norm(points[:, None] - points[None], axis=-1), axis=1)[:, k]
+
+    between = np.linalg.norm(fake[:, None] - real[None], axis=-1)  # (N_fake, N_real)
+    precision = (between <= radii(real)[None, :]).any(axis=1).mean()
+    recall = (between <= radii(fake)[:, None]).any(axis=0).mean()
+    return float(precision), float(recall)
+
+
+# Four 2-D points whose statistics are worked out by hand: mean (1.5, 1.5); deviations (-1.5, -1.5),
+# (-0.5, 0.5), (0.5, -0.5), (1.5, 1.5); sums of products 5 (each variance) and 4 (the covariance), so
+# the unbiased covariance is [[5, 4], [4, 5]] / 3 (the biased one, / 4, would be [[5/4, 1], [1, 5/4]]).
+HAND_POINTS = np.array([[0.0, 0.0], [1.0, 2.0], [2.0, 1.0], [3.0, 3.0]])
+HAND_SIGMA = np.array([[5.0, 4.0], [4.0, 5.0]]) / 3
+
+
 # ----------------------------------------------------------------------------- Frechet distance
 
 def test_frechet_distance_of_identical_statistics_is_zero():
@@ -65,6 +101,30 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
 
 
+def test_feature_statistics_are_the_unbiased_sample_statistics_worked_by_hand():
+    mu, sigma = feature_statistics(HAND_POINTS)
+    np.testing.assert_allclose(mu, [1.5, 1.5], rtol=1e-15)
+    np.testing.assert_allclose(sigma, HAND_SIGMA, rtol=1e-14)
+
+
+def test_frechet_distance_of_small_sets_worked_by_hand():
+    # y = 2 x + (1, 0): mean (4, 3), covariance 4 S with S = HAND_SIGMA, and (S 4S)^(1/2) = 2S. So
+    # FID = |(2.5, 1.5)|^2 + tr(S + 4S - 4S) = 8.5 + tr S = 8.5 + 10/3 = 71/6 (biased covariances: 11).
+    x = HAND_POINTS
+    y = 2 * x + np.array([1.0, 0.0])
+    assert frechet_distance(*feature_statistics(x), *feature_statistics(y)) == pytest.approx(71 / 6, rel=1e-12)
+    assert _reference_fid(x, y) == pytest.approx(71 / 6, rel=1e-12)  # the test's own helper, checked too
+
+
+def test_frechet_distance_matches_the_closed_form_for_two_non_commuting_gaussians():
+    # For a 2x2 matrix M with eigenvalues l1, l2 >= 0, tr M^(1/2) = sqrt(l1) + sqrt(l2)
+    # = sqrt(tr M + 2 sqrt(det M)). With s1 = [[2, 1], [1, 2]], s2 = diag(1, 4): s1 s2 = [[2, 4], [1, 8]],
+    # tr 10, det 3 * 4 = 12; means (0, 0) and (1, 2).
+    s1, s2 = np.array([[2.0, 1.0], [1.0, 2.0]]), np.diag([1.0, 4.0])
+    expected = (1 + 4) + (4 + 5) - 2 * math.sqrt(10 + 2 * math.sqrt(12))  # 5.77122...
+    assert frechet_distance(np.zeros(2), s1, np.array([1.0, 2.0]), s2) == pytest.approx(expected, rel=1e-12)
+
+
 def test_frechet_distance_is_symmetric():
     rng = np.random.default_rng(2)
     a = (rng.normal(size=12), _random_covariance(rng, 12))
@@ -74,17 +134,50 @@ def test_frechet_distance_is_symmetric():
     assert forward == pytest.approx(backward, rel=1e-8)
 
 
+def _singular_retry_reference(x: np.ndarray, y: np.ndarray, eps: float) -> float:
+    """tr ((x x^T + eps I)(y y^T + eps I))^(1/2) for 3-vectors x, y, worked by hand: the product maps
+    z orthogonal to x and y to eps^2 z (a root eps), and the plane of x and y into itself, where it has
+    trace T = (x.y)^2 + eps (|x|^2 + |y|^2) + 2 eps^2 and determinant D = det / eps^2
+    = eps^2 (|x|^2 + eps)(|y|^2 + eps): roots summing to sqrt(T + 2 sqrt(D))."""
+    xx, yy, xy = x @ x, y @ y, x @ y
+    plane_trace = xy ** 2 + eps * (xx + yy) + 2 * eps ** 2
+    plane_det = eps ** 2 * (xx + eps) * (yy + eps)
+    return eps + math.sqrt(plane_trace + 2 * math.sqrt(plane_det))
+
+
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # scipy's own notice of the singular product
-def test_frechet_distance_singular_covariances_warn_and_stay_finite():
-    # Rank-1 covariances x x^T and y y^T: sqrtm of their product is inf with scipy's Schur method,
-    # which triggers the eps guard. Exactly, tr sqrt(x x^T y y^T) = |x . y|.
+@pytest.mark.parametrize("eps", [1e-6, 1e-2])
+def test_frechet_distance_singular_covariances_follow_the_reference_retry(eps):
+    # Rank-1 covariances x x^T and y y^T: sqrtm of their product is not finite with scipy's Schur
+    # method, which triggers the retry. pytorch-fid's (and torch-fidelity's) retry adds eps to both
+    # diagonals before the product, sqrtm((s1 + eps I)(s2 + eps I)), and keeps tr s1 + tr s2 unchanged.
     x, y = np.array([0.0, -1.0, 2.0]), np.array([-1.0, -1.0, 1.0])
     mu1, mu2 = np.zeros(3), np.array([1.0, 0.0, 0.0])
     with pytest.warns(RuntimeWarning, match="eps"):
-        distance = frechet_distance(mu1, np.outer(x, x), mu2, np.outer(y, y))
-    expected = 1.0 + x @ x + y @ y - 2 * abs(x @ y)
-    assert np.isfinite(distance)
-    assert distance == pytest.approx(expected, abs=1e-2)
+        distance = frechet_distance(mu1, np.outer(x, x), mu2, np.outer(y, y), eps=eps)
+    expected = 1.0 + x @ x + y @ y - 2 * _singular_retry_reference(x, y, eps)
+    assert distance == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_frechet_distance_retry_formula_on_a_forced_retry(monkeypatch):
+    # Whatever scipy's sqrtm does with singular products, the retry itself must compute
+    # tr s1 + tr s2 - 2 tr ((s1 + eps I)(s2 + eps I))^(1/2): force it by failing the first sqrtm.
+    # s1 + I/2 = [[2.5, 1], [1, 2.5]], s2 + I/2 = diag(1.5, 4.5); their product has trace
+    # 2.5 * 1.5 + 2.5 * 4.5 = 15 and determinant 5.25 * 6.75 = 35.4375 (2x2 rule as above).
+    import arpg.eval
+
+    calls = []
+
+    def first_fails(matrix):
+        calls.append(matrix)
+        return np.full_like(matrix, np.nan) if len(calls) == 1 else sqrtm(matrix)
+
+    monkeypatch.setattr(arpg.eval, "sqrtm", first_fails)
+    s1, s2 = np.array([[2.0, 1.0], [1.0, 2.0]]), np.diag([1.0, 4.0])
+    with pytest.warns(RuntimeWarning, match="eps=0.5"):
+        distance = frechet_distance(np.zeros(2), s1, np.array([1.0, 2.0]), s2, eps=0.5)
+    assert len(calls) == 2
+    assert distance == pytest.approx(5 + 4 + 5 - 2 * math.sqrt(15 + 2 * math.sqrt(35.4375)), rel=1e-12)
 
 
 def test_frechet_distance_rejects_large_imaginary_part():
@@ -161,6 +254,20 @@ def test_precision_recall_half_covered_and_batch_independent():
     assert precision_recall(real, other, batch_size=9) == precision_recall(real, other, batch_size=1000)
 
 
+@pytest.mark.parametrize("k, expected", [(1, (0.5, 0.75)), (2, (0.75, 1.0))])
+def test_precision_recall_of_points_on_a_line_worked_by_hand(k, expected):
+    # real 0, 1, 3, 7: radii of the 1st neighbour 1, 1, 2, 4; of the 2nd 3, 2, 3, 6.
+    # fake 0.5, 2.5, 12, 13.5: radii of the 1st neighbour 2, 2, 1.5, 1.5; of the 2nd 11.5, 9.5, 9.5, 11.
+    # k = 1: 0.5 and 2.5 lie in real balls, 12 (5 from 7) and 13.5 do not: precision 1/2; real 0, 1
+    # and 3 lie within 2 of a fake, 7 (4.5 from 2.5, 5 from 12) does not: recall 3/4.
+    # k = 2: 12 is now inside the ball of 7 (radius 6), 13.5 (6.5 away) still not: 3/4; every real
+    # point is within 11.5 of 0.5: recall 1. No distance equals a radius, so rounding cannot tip one.
+    real = np.array([[0.0], [1.0], [3.0], [7.0]])
+    fake = np.array([[0.5], [2.5], [12.0], [13.5]])
+    assert precision_recall(real, fake, k=k, batch_size=3) == expected
+    assert _reference_precision_recall(real, fake, k) == expected  # the test's own helper, checked too
+
+
 def test_precision_recall_validates_input():
     real = np.zeros((10, 4))
     with pytest.raises(ValueError, match="k must be in"):
@@ -214,9 +321,10 @@ def test_reference_stats_from_images_use_the_extractor(tmp_path):
     path = tmp_path / "ref_images.npz"
     np.savez(path, arr_0=images)
     mu, sigma = load_reference_stats(path, extractor=_pixel_extractor, batch_size=16)
-    expected_mu, expected_sigma = feature_statistics(_pixel_extractor(images)[0])
+    features = _pixel_extractor(images)[0]
+    expected_mu = features.mean(axis=0)
     np.testing.assert_allclose(mu, expected_mu, rtol=1e-12)
-    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-12)
+    np.testing.assert_allclose(sigma, (features - expected_mu).T @ (features - expected_mu) / 39, rtol=1e-12)
     with pytest.raises(ValueError, match="extractor"):
         load_reference_stats(path)
 
@@ -354,11 +462,37 @@ def test_evaluate_npz_equals_the_metrics_of_both_files_computed_directly(tmp_pat
     results = evaluate_npz(samples, ref, extractor=_pixel_extractor, batch_size=16, splits=5, k=4)
     sample_features, sample_probs = _pixel_extractor(sample_images)
     ref_features, _ = _pixel_extractor(ref_images)
-    expected_fid = frechet_distance(*feature_statistics(sample_features), *feature_statistics(ref_features))
+    expected_fid = _reference_fid(sample_features, ref_features)
     assert expected_fid > 100 and results["fid"] == pytest.approx(expected_fid, rel=1e-9)
-    assert (results["precision"], results["recall"]) == precision_recall(ref_features, sample_features, k=4)
+    precision, recall = _reference_precision_recall(ref_features, sample_features, k=4)
+    assert precision != recall  # so that swapping the two sets would show
+    assert (results["precision"], results["recall"]) == (precision, recall)
     assert results["inception_score"] == pytest.approx(inception_score(sample_probs, 5)[0], rel=1e-12)
     assert results["num_samples"] == 50
+
+
+def _first_pixel_extractor(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One feature, the first pixel's red value; uniform predictions over 4 classes."""
+    return images[:, 0, 0, :1].astype(np.float64), np.full((len(images), 4), 0.25)
+
+
+@pytest.mark.parametrize("k, precision, recall", [(1, 0.5, 0.75), (2, 0.75, 1.0)])
+def test_evaluate_npz_of_small_sets_worked_by_hand(tmp_path, k, precision, recall):
+    # The points of test_precision_recall_of_points_on_a_line_worked_by_hand, doubled into grey levels:
+    # reference 0, 2, 6, 14 and samples 1, 5, 24, 27 (k-NN balls do not change with the scale).
+    # In one dimension FID = (m1 - m2)^2 + (s1 - s2)^2: means 22/4 and 57/4; squared deviations from
+    # them sum to 115 (reference) and 518.75 (samples), unbiased variances 115/3 and 518.75/3.
+    def images(values):
+        return np.repeat(np.array(values, dtype=np.uint8)[:, None, None, None], 3, axis=3)  # (N, 1, 1, 3)
+
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=images([1, 5, 24, 27]))
+    np.savez(ref, arr_0=images([0, 2, 6, 14]))
+    results = evaluate_npz(samples, ref, extractor=_first_pixel_extractor, batch_size=3, splits=2, k=k)
+    expected_fid = (57 / 4 - 22 / 4) ** 2 + (math.sqrt(518.75 / 3) - math.sqrt(115 / 3)) ** 2  # 124.98...
+    assert results["fid"] == pytest.approx(expected_fid, rel=1e-12)
+    assert (results["precision"], results["recall"]) == (precision, recall)
+    assert results["inception_score"] == pytest.approx(1.0, abs=1e-12)  # uniform predictions
 
 
 def test_evaluate_npz_uses_reference_statistics(tmp_path):
@@ -371,8 +505,10 @@ def test_evaluate_npz_uses_reference_statistics(tmp_path):
     with pytest.raises(ValueError, match=r"ref\.npz.*arr_0.*compute_precision_recall=False"):
         evaluate_npz(samples, ref, extractor=_pixel_extractor)
     results = evaluate_npz(samples, ref, extractor=_pixel_extractor, compute_precision_recall=False, splits=2)
-    expected = frechet_distance(*feature_statistics(_pixel_extractor(images)[0]), mu, sigma)
-    assert results["fid"] == pytest.approx(expected, rel=1e-12)
+    features = _pixel_extractor(images)[0]
+    mu_samples = features.mean(axis=0)
+    sigma_samples = (features - mu_samples).T @ (features - mu_samples) / (len(features) - 1)
+    assert results["fid"] == pytest.approx(_reference_frechet(mu_samples, sigma_samples, mu, sigma), rel=1e-9)
     assert "precision" not in results
 
 

@@ -21,11 +21,12 @@ from arpg import create_model
 from arpg.checkpoint import save
 from arpg.cli import compose_config
 from arpg.errors import SettingError
-from arpg.eval import EvalConfig, evaluate_npz, feature_statistics, frechet_distance, precision_recall
+from arpg.eval import EvalConfig, evaluate_npz
 from arpg.files import FolderLock
 from arpg.sample import SamplingOptions
 from arpg.sample_fid import SETTINGS_FILE, SampleFIDConfig, image_path, image_seed, npz_path, sample_fid
 from arpg.tokenizer import VQConfig, VQTokenizer
+from test_eval import _reference_fid, _reference_precision_recall
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 10
@@ -126,6 +127,35 @@ def test_rerun_generates_only_the_missing_images(weights, tmp_path, capsys):
         assert npz["arr_0"].shape[0] == 14
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated", "more_images"])
+def test_npz_is_rebuilt_from_the_pngs_with_nothing_sampled(weights, tmp_path, monkeypatch, capsys, damage):
+    """Every PNG there but the npz missing, cut short (a run killed while writing it, a copy cut short)
+    or holding more images than now asked for: the rerun rewrites the npz from the PNGs and samples nothing."""
+    out = tmp_path / "samples"
+    config = make_config(weights, out, num_images=6)
+    npz = sample_fid(config)
+    identities = file_identities(out, 6)
+    if damage == "missing":
+        npz.unlink()
+    elif damage == "truncated":
+        npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    else:
+        config = replace(config, num_images=4)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("an image was sampled although every PNG exists")
+
+    monkeypatch.setattr("arpg.sample_fid.generate", no_sampling)
+    capsys.readouterr()
+    assert sample_fid(config) == npz
+    count = config.num_images
+    assert f"(0 new, {count} kept)" in capsys.readouterr().out
+    assert file_identities(out, 6) == identities  # no PNG rewritten
+    with np.load(npz) as data:
+        np.testing.assert_array_equal(data["arr_0"], read_pngs(out, count))
+        np.testing.assert_array_equal(data["arr_1"], np.arange(count) % NUM_CLASSES)
+
+
 def test_npz_reads_back_through_the_evaluator(weights, tmp_path):
     """The streamed npz is what arpg.eval (and ADM's evaluator) expects: uint8 (N, H, W, 3) under arr_0,
     holding exactly the PNGs: evaluated against another image set, it scores what the PNGs score."""
@@ -138,10 +168,11 @@ def test_npz_reads_back_through_the_evaluator(weights, tmp_path):
 
     results = evaluate_npz(npz_path(tmp_path / "a"), tmp_path / "ref.npz", extractor=features, splits=2, k=2)
     pngs = read_pngs(tmp_path / "a", 8)
-    expected = frechet_distance(*feature_statistics(features(pngs)[0]), *feature_statistics(features(reference)[0]))
+    expected = _reference_fid(features(pngs)[0], features(reference)[0])
     assert results["num_samples"] == 8 and expected > 1
     assert results["fid"] == pytest.approx(expected, rel=1e-9)
-    assert (results["precision"], results["recall"]) == precision_recall(features(reference)[0], features(pngs)[0], k=2)
+    assert (results["precision"], results["recall"]) == _reference_precision_recall(
+        features(reference)[0], features(pngs)[0], k=2)
 
 
 def test_other_settings_in_the_same_folder_are_refused(weights, tmp_path):
