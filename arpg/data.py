@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from arpg.errors import require
-from arpg.files import FolderLock, atomic_write, remove_partial_writes
+from arpg.files import FolderLock, atomic_write, check_free_space, remove_partial_writes
 from arpg.runtime import resolve_device, worker_count
 from arpg.tokenizer import TOKENIZER_CHOICES, Tokenizer, VQTokenizer, load_tokenizer
 
@@ -58,7 +58,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
-    atomic_write(path, write)
+    atomic_write(path, write, what="the token shard", size=array.nbytes + 128)  # + the .npy header
 
 
 def _read_manifest(root: Path) -> dict:
@@ -611,6 +611,10 @@ def extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None = None) -> 
                     "shard_size": config.shard_size, "image_size": config.image_size, "augment": config.augment,
                     "crop_range": config.crop_range},
             tokenizer_file=tokenizer_file)
+        to_do = sum(len(files[i * config.shard_size:(i + 1) * config.shard_size]) for i in range(num_shards)
+                    if not writer.has_shard(i))
+        # uint16 tokens of every view and an int64 label per image
+        check_free_space({config.output_dir: to_do * (views * side * side * 2 + 8)}, f"the codes of {to_do} images")
         for index in range(num_shards):
             chunk = files[index * config.shard_size:(index + 1) * config.shard_size]
             if not writer.has_shard(index):

@@ -90,6 +90,17 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(paths, key=lambda p: int(p.stem.removeprefix("step_")), reverse=True)
 
 
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of all tensors in a nested dict/list (about what torch.save writes of it)."""
+    if isinstance(value, Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 _STATE_KEYS = ("model", "ema", "optimizer", "step", "config", "rng")
 CORRUPT_SUFFIX = ".corrupt"
 
@@ -218,7 +229,8 @@ class Run:
             }
             if self.accelerator.scaler is not None:  # fp16 loss scaling
                 state["grad_scaler"] = self.accelerator.scaler.state_dict()
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            atomic_write(path, lambda tmp: torch.save(state, tmp), what="the training checkpoint",
+                         size=_tensor_bytes(state))
             self.readable.add(path)
             self._prune(newest=path)
         self.accelerator.wait_for_everyone()
