@@ -98,7 +98,8 @@ def _storage_errno(err: BaseException, tmp: Optional[Path]) -> Optional[int]:
     """The `STORAGE_ERRNOS` number that explains a failed write, or None when storage is not the cause.
 
     Writers in C++ or Rust (torch.save, safetensors) lose the OSError on the way ("unexpected pos",
-    "iostream error"); for them a probe write of 1 MiB more into the partial file asks the storage.
+    "iostream error"), numpy reports a short write without one; for them a probe write of 1 MiB
+    more into the partial file asks the storage.
     """
     seen: Optional[BaseException] = err
     while seen is not None:
@@ -108,8 +109,10 @@ def _storage_errno(err: BaseException, tmp: Optional[Path]) -> Optional[int]:
     rust_io = re.search(r"\(os error (\d+)\)", str(err))  # how Rust (safetensors) reports an OSError
     if rust_io and int(rust_io.group(1)) in STORAGE_ERRNOS:
         return int(rust_io.group(1))
-    if isinstance(err, (OSError, ValueError)) or tmp is None or not tmp.exists():
-        return None  # an OSError of another kind, a writer's own check, or nothing to probe
+    if (isinstance(err, OSError) and err.errno is not None) or isinstance(err, ValueError):
+        return None  # an OSError of another kind, or a writer's own check
+    if tmp is None or not tmp.exists():
+        return None
     try:
         with open(tmp, "ab") as f:
             f.write(bytes(_PROBE_BYTES))
