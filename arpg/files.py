@@ -220,6 +220,18 @@ class FolderLock:
         self._created = False
 
     def acquire(self) -> FolderLock:
+        """Claim the folder; a storage that refuses the folder or the lock file is a `WriteError`."""
+        try:
+            return self._claim()
+        except OSError as err:
+            if err.errno not in STORAGE_ERRNOS or isinstance(err, WriteError):
+                raise
+            self.release()
+            raise WriteError(err.errno, f"could not write the lock file {self.path} (one {self.job} job per folder): "
+                                        f"{STORAGE_ERRNOS[err.errno]} ({errno.errorcode[err.errno]}); "
+                                        f"{_free_space(self.folder)}") from err
+
+    def _claim(self) -> FolderLock:
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
@@ -241,10 +253,10 @@ class FolderLock:
         previous = _read_lock(fd)
         if previous:
             log.warning("%s: taking over the lock of %s, which is no longer running (killed?)", self.folder, previous)
+        self._fd = fd
         os.ftruncate(fd, 0)
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({self.job}, since {started})\n".encode(), 0)
-        self._fd = fd
         return self
 
     def release(self) -> None:
@@ -252,8 +264,9 @@ class FolderLock:
             self.path.unlink(missing_ok=True)  # before unlocking, so a waiter never locks a file about to go
             os.close(self._fd)
             self._fd = None
-            if self._created and not any(self.folder.iterdir()):
-                self.folder.rmdir()  # a job that failed before writing anything leaves no folder behind
+        if self._created and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()  # a job that failed before writing anything leaves no folder behind
+            self._created = False
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

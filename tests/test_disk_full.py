@@ -26,7 +26,7 @@ from arpg import create_model
 from arpg.checkpoint import load_model, save
 from arpg.data import ExtractConfig, ShardWriter, extract_codes
 from arpg.errors import WriteError
-from arpg.files import atomic_write
+from arpg.files import FolderLock, atomic_write
 from arpg.images import save_grid
 from arpg.sample import SamplingOptions
 from arpg.sample_fid import SampleFIDConfig, sample_fid, write_npz
@@ -134,6 +134,17 @@ def test_a_folder_that_refuses_files_is_named(tmp_path, monkeypatch, code, reaso
         atomic_write(tmp_path / "w.safetensors", lambda tmp: tmp.write_bytes(b"x"))
 
 
+def test_a_lock_file_the_disk_refuses_is_named_and_leaves_no_folder(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    with pytest.raises(WriteError, match=rf"could not write the lock file {re.escape(str(tmp_path / 'run'))}/.arpg.lock "
+                                         rf"\(one training job per folder\): no space left on device \(ENOSPC\); .* free on /"):
+        FolderLock(tmp_path / "run", "training").acquire()
+    assert not (tmp_path / "run").exists()
+
+
 def _in_child_with_file_size_limit(limit: int, fn) -> str:
     """Run fn() in a forked child whose files cannot grow past `limit` bytes (RLIMIT_FSIZE: the
     kernel fails the writer's own write with EFBIG, inside torch's C++ or safetensors' Rust as
@@ -219,6 +230,18 @@ def test_a_full_disk_at_the_export_keeps_every_checkpoint(tmp_path, monkeypatch,
     monkeypatch.undo()
     assert run_script("train", *TINY_RUN, f"out_dir={out_dir}") == 0  # resumes at step 8: exports only
     assert load_file(out_dir / "model.safetensors")
+
+
+def test_resuming_from_a_truncated_checkpoint_is_one_line(tmp_path, capsys):
+    assert run_script("train", *TINY_RUN, "max_steps=2", f"out_dir={tmp_path / 'run'}") == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(checkpoint.read_bytes()[:100_000])  # a copy cut short by a full disk
+    capsys.readouterr()
+    assert run_script("train", *TINY_RUN, f"out_dir={tmp_path / 'other'}", f"resume={cut}") == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {cut} is not a readable PyTorch file: truncated, corrupt, not written by torch.save, or holding objects "
+        f"other than tensors and plain data (RuntimeError) (set ARPG_TRACEBACK=1 for the traceback)")
 
 
 @pytest.fixture
