@@ -547,6 +547,24 @@ def test_a_run_stopped_by_a_non_finite_loss_resumes_bit_identical(tmp_path, monk
     _assert_same(_final_outputs(out_dir), _final_outputs(tmp_path / "reference"), "resumed after a non-finite stop")
 
 
+def test_a_non_finite_checkpoint_is_never_resumed_nor_counted_as_kept(tmp_path, straight_run, caplog):
+    """A diverged checkpoint (NaN weights) in the folder, as a run without these checks left them:
+    resume=auto moves it aside and continues from the finite one before it."""
+    straight, straight_state = straight_run
+    common = [*RESUME, f"out_dir={tmp_path}"]
+    train(make_config(*common, "stop_at_step=4"))
+    newest = tmp_path / "checkpoints" / "step_0000004.pt"
+    state = checkpoint_state(newest)
+    next(iter(state["model"].values())).fill_(math.nan)
+    torch.save(state, newest)
+    with caplog.at_level(logging.WARNING, logger="arpg.train.state"):
+        resumed = train(make_config(*common))
+    assert "step_0000004.pt holds non-finite weights" in caplog.text
+    assert resumed.loss_log[0][0] == 3  # from step 2
+    assert (tmp_path / "checkpoints" / "step_0000004.pt.corrupt").is_file()
+    assert_states_equal(checkpoint_state(tmp_path / "checkpoints" / "step_0000008.pt"), straight_state)
+
+
 def test_non_finite_weights_stop_the_run_although_loss_and_gradients_were_finite(tmp_path, monkeypatch):
     _non_finite(monkeypatch, weights_at={3})
     with pytest.raises(TrainingDiverged, match=r"^training stopped at step 3: the weights became non-finite \(NaN or "
