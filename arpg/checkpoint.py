@@ -38,7 +38,8 @@ def save(model: nn.Module, path: str | Path, weights: str = "model") -> Path:
     metadata = {"format": "arpg", "family": family_of(model).name, "config": json.dumps(model.config.to_dict()),
                 "weights": weights}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), what="the model weights",
+                        size=sum(t.nbytes for t in state.values()))
 
 
 def load_weights(path: str | Path, weights: str = "default") -> tuple[dict[str, Tensor], Optional[dict]]:

@@ -6,10 +6,12 @@ missing required key is an error that names the key, and hands the function a re
 instance rather than a DictConfig.
 
 Errors a user causes (a bad setting, a missing or damaged file: `ValueError`, which includes
-`arpg.errors.SettingError`, and `FileNotFoundError`) end a script with one line on stderr naming
-the setting or file, and exit status 1; so does, on the other processes of a multi-process job, the
-failure of one of them (`ProcessFailed`, naming it and its error). `ARPG_TRACEBACK=1` shows the full
-traceback instead.
+`arpg.errors.SettingError`, and `FileNotFoundError`), storage that refuses a write (a full disk, a
+quota, a read-only or forbidden folder: `arpg.errors.WriteError` and any OSError of
+`arpg.errors.STORAGE_ERRNOS`), training that diverged (`arpg.errors.TrainingDiverged`) and, on the
+other processes of a multi-process job, the failure of one of them (`ProcessFailed`, naming it and
+its error) end a script with one line on stderr naming the setting or file, and exit status 1;
+`ARPG_TRACEBACK=1` shows the full traceback instead.
 Scripts write nothing of Hydra's (no `outputs/`, no `hydra/` folder, no log file; see
 `configs/quiet_hydra.yaml`), and INFO logging shows on the console.
 """
@@ -25,15 +27,16 @@ from typing import Any, Callable, Sequence, TypeVar
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
-from arpg.errors import ProcessFailed, SettingError, require
+from arpg.errors import STORAGE_ERRNOS, ProcessFailed, SettingError, TrainingDiverged, require
 
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TRACEBACK_ENV = "ARPG_TRACEBACK"
 # Shown as one line: a user's error, and another process's failure (that process shows its own error).
-USER_ERRORS = (ValueError, FileNotFoundError, ProcessFailed)
+USER_ERRORS = (ValueError, FileNotFoundError, TrainingDiverged, ProcessFailed)
 
 
 def register_schema(name: str, schema: type) -> str:
@@ -88,10 +91,13 @@ def hydra_main(fn: Callable[[T], Any], schema: type[T], config_name: str,
     def _run(cfg: DictConfig) -> None:
         try:
             fn(to_dataclass(cfg, schema))
-        except USER_ERRORS as err:
-            if traceback:
+        except (*USER_ERRORS, OSError) as err:
+            if traceback or (isinstance(err, OSError) and not isinstance(err, FileNotFoundError)
+                             and err.errno not in STORAGE_ERRNOS):
                 raise
             message = " ".join(str(err).split())
+            for bar in list(getattr(tqdm, "_instances", ())):  # end live progress bars: the line is the error's
+                bar.close()
             print(f"error: {message} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
             sys.exit(1)
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from arpg.errors import require
-from arpg.files import FolderLock, atomic_write, remove_partial_writes
+from arpg.files import FolderLock, atomic_write, check_free_space, remove_partial_writes
 from arpg.processes import Processes, Step
 from arpg.runtime import resolve_device, worker_count
 from arpg.tokenizer import TOKENIZER_CHOICES, Tokenizer, VQTokenizer, load_tokenizer
@@ -63,7 +63,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
-    atomic_write(path, write)
+    atomic_write(path, write, what="the token shard", size=array.nbytes + 128)  # + the .npy header
 
 
 def _read_manifest(root: Path) -> dict:
@@ -688,6 +688,9 @@ def _extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None, processes
         writer = processes.on_first(open_folder)  # the others save shards with a copy of it
         missing = [index for index in range(num_shards) if not writer.has_shard(index)]
         new = sum(len(_shard_files(files, index, config.shard_size)) for index in missing)
+        # uint16 tokens of every view and an int64 label per image
+        processes.on_first(lambda: check_free_space({config.output_dir: new * (views * side * side * 2 + 8)},
+                                                    f"the codes of {new} images"))
         progress = tqdm(total=len(files), initial=len(files) - new, unit="img", disable=not first,
                         desc=f"extract ({processes.world} processes)" if processes.world > 1 else "extract")
 

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from arpg.checkpoint import WEIGHTS_CHOICES, load_model
 from arpg.errors import describe_differences, differences, require
 from arpg.eval import NpzImages
-from arpg.files import FolderLock, atomic_write, file_digest, remove_partial_writes
+from arpg.files import FolderLock, atomic_write, check_free_space, file_digest, remove_partial_writes
 from arpg.runtime import derive_seed, resolve_device, use_bf16
 from arpg.sample import SamplingOptions, generate
 from arpg.sample.decode import check_sampling, check_tokenizer
@@ -144,6 +144,8 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
         if rank == 0:
             remove_partial_writes(output_dir, "*.png")
             remove_partial_writes(npz.parent, npz.name)
+            side = config.image_size_eval or model.grid[0] * tokenizer.downsample
+            _check_space(output_dir, npz, config.num_images, side)
             text = json.dumps(settings, indent=1)
             atomic_write(output_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(text))
         # Rank 0 lists the folder after its cleanup and before anyone writes, and hands the list
@@ -196,6 +198,19 @@ def _generate_batches(model, tokenizer, batches: list[list[int]], config: Sample
     progress.close()
 
 
+def _check_space(output_dir: Path, npz: Path, num_images: int, side: int) -> None:
+    """Refuse to start when the missing PNGs and the `.npz` cannot fit. The `.npz` holds the raw
+    pixels; a PNG is taken as large as those already there, or half its raw pixels when there are
+    none yet (natural images compress to about that)."""
+    missing = len(_missing_indices(output_dir, num_images))
+    raw = side * side * 3
+    written = sorted(output_dir.glob("*.png"))[:100]
+    png = sum(p.stat().st_size for p in written) // len(written) if written else raw // 2
+    npz_bytes = 0 if not missing and _npz_is_complete(npz, num_images) else num_images * (raw + 8)
+    check_free_space({output_dir: missing * png, npz.parent: npz_bytes},
+                     f"{missing} FID sample PNGs of {side}x{side} and their .npz")
+
+
 def _write_png(path: Path, picture: Image.Image) -> None:
     # RGB even for grey tokenizers: the ADM suite reads (H, W, 3).
     rgb = picture.convert("RGB")
@@ -228,7 +243,7 @@ def write_npz(output_dir: str | Path, num_images: int, num_classes: int, path: s
             with archive.open("arr_1.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, labels)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, what="the FID sample archive", size=num_images * (first.nbytes + 8))
 
 
 def _read_png(path: Path) -> np.ndarray:

@@ -24,15 +24,15 @@ from arpg import create_model
 from arpg.checkpoint import load_model, save
 from arpg.cli import compose_config
 from arpg.data import ShardWriter, digits_dataset
-from arpg.errors import SettingError
+from arpg.errors import SettingError, TrainingDiverged
 from arpg.files import LOCK_NAME, FolderLock
 from arpg.quality import digits_class_accuracy, digits_judge, sample_digits
 from arpg.tokenizer import VQConfig, VQTokenizer
 from arpg.train import TrainConfig, TrainResult, learning_rate, train
 from arpg.train.config import resolve
-from arpg.train.state import EMA
+from arpg.train.state import EMA, read_training_state
 
-from conftest import in_child
+from conftest import in_child, run_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -534,6 +534,146 @@ def test_a_run_killed_at_any_write_event_resumes_bit_identical(tmp_path):
     count, tried = _kill_and_resume(tmp_path)
     print(f"{count} kill points, every resumed run bit-identical: {sorted(set(tried))}")
     assert count == len(tried) > 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite training: stop before saving, keep the last good checkpoint, resume from it
+
+
+def _non_finite(patch: pytest.MonkeyPatch, loss_at: set[int] = frozenset(), weights_at: set[int] = frozenset()) -> None:
+    """Make the loss of every micro-batch of these 1-based optimizer steps NaN (its gradients follow),
+    or set a weight to inf right after these steps' updates (an update that overflowed)."""
+    import arpg.train.loop
+    from arpg.models.arpg import ARPG
+
+    current = {"step": 0}
+    make_generator, forward, update = arpg.train.loop._micro_batch_generator, ARPG.forward, torch.optim.AdamW.step
+
+    def tracking(config, step, slice_index, device):
+        current["step"] = step + 1
+        return make_generator(config, step, slice_index, device)
+
+    def poisoned(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        return logits, loss * math.nan if current["step"] in loss_at else loss
+
+    def overflowing(self, *args, **kwargs):
+        result = update(self, *args, **kwargs)
+        if current["step"] in weights_at:
+            self.param_groups[0]["params"][0].data[0] = math.inf
+        return result
+
+    patch.setattr(arpg.train.loop, "_micro_batch_generator", tracking)
+    patch.setattr(ARPG, "forward", poisoned)
+    patch.setattr(torch.optim.AdamW, "step", overflowing)
+
+
+def _assert_finite_checkpoints(ckpt_dir: Path) -> list[str]:
+    """Every checkpoint left reads completely, holds only finite numbers and loads as a model; their names."""
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    for name in names:
+        state = read_training_state(ckpt_dir / name)
+        tensors = [*state["model"].values(), *state["ema"].values(),
+                   *(t for s in state["optimizer"]["state"].values() for t in s.values())]
+        assert all(torch.isfinite(t).all() for t in tensors), name
+        load_model(ckpt_dir / name, weights="ema")
+    return names
+
+
+def test_a_run_stopped_by_a_non_finite_loss_resumes_bit_identical(tmp_path, monkeypatch):
+    """A NaN loss at step 5 (of 8, checkpoints every 2, two kept): the run stops at step 5 naming the
+    checkpoint of step 4 as its last good state and writes nothing else (no model.safetensors, no
+    grid); resumed, it ends bit-identical to a run that never saw the NaN."""
+    config = make_config(*FAULTS)
+    train(dataclasses.replace(config, out_dir=str(tmp_path / "reference")))
+    out_dir = tmp_path / "stopped"
+    last_good = out_dir / "checkpoints" / "step_0000004.pt"
+    with monkeypatch.context() as patch:
+        _non_finite(patch, loss_at={5})
+        with pytest.raises(TrainingDiverged, match=rf"^training stopped at step 5: the loss, the gradient norm and the "
+                                                   rf"weights became non-finite \(NaN or inf\) at step 5 \(learning rate "
+                                                   rf"0\.00\d+\), in 1 step\(s\); nothing of it was saved; the last good "
+                                                   rf"checkpoint is {re.escape(str(last_good))}; to go on from it rerun the "
+                                                   rf"same command with resume={re.escape(str(last_good))} and a lower "
+                                                   rf"optim.lr \(this run: 0.008; e.g. 0.004\)$"):
+            train(dataclasses.replace(config, out_dir=str(out_dir)))
+    assert _assert_finite_checkpoints(out_dir / "checkpoints") == ["step_0000002.pt", "step_0000004.pt"]
+    assert not (out_dir / "model.safetensors").exists() and not list(out_dir.rglob("*.png"))
+    train(dataclasses.replace(config, out_dir=str(out_dir)))  # resume=auto takes step 4
+    _assert_same(_final_outputs(out_dir), _final_outputs(tmp_path / "reference"), "resumed after a non-finite stop")
+
+
+def test_a_non_finite_checkpoint_is_never_resumed_nor_counted_as_kept(tmp_path, straight_run, caplog):
+    """A diverged checkpoint (NaN weights) in the folder, as a run without these checks left them:
+    resume=auto moves it aside and continues from the finite one before it."""
+    straight, straight_state = straight_run
+    common = [*RESUME, f"out_dir={tmp_path}"]
+    train(make_config(*common, "stop_at_step=4"))
+    newest = tmp_path / "checkpoints" / "step_0000004.pt"
+    state = checkpoint_state(newest)
+    next(iter(state["model"].values())).fill_(math.nan)
+    torch.save(state, newest)
+    with caplog.at_level(logging.WARNING, logger="arpg.train.state"):
+        resumed = train(make_config(*common))
+    assert "step_0000004.pt holds non-finite weights" in caplog.text
+    assert resumed.loss_log[0][0] == 3  # from step 2
+    assert (tmp_path / "checkpoints" / "step_0000004.pt.corrupt").is_file()
+    assert_states_equal(checkpoint_state(tmp_path / "checkpoints" / "step_0000008.pt"), straight_state)
+
+
+def test_non_finite_weights_stop_the_run_although_loss_and_gradients_were_finite(tmp_path, monkeypatch):
+    _non_finite(monkeypatch, weights_at={3})
+    with pytest.raises(TrainingDiverged, match=r"^training stopped at step 3: the weights became non-finite \(NaN or "
+                                               r"inf\) by step 3; nothing of it was saved; the last good checkpoint is "
+                                               r".*step_0000002\.pt;"):
+        train(make_config(*RESUME, f"out_dir={tmp_path}"))
+    assert _assert_finite_checkpoints(tmp_path / "checkpoints") == ["step_0000002.pt"]
+
+
+def test_skip_nonfinite_steps_skips_that_many_then_stops(tmp_path, monkeypatch, caplog):
+    config = make_config(*RESUME, "skip_nonfinite_steps=1")
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="arpg.train.nonfinite"):
+        _non_finite(patch, loss_at={3})
+        result = train(dataclasses.replace(config, out_dir=str(tmp_path / "one")))
+    assert result.steps == 8
+    assert "step 3: non-finite gradient norm, step skipped (1 of skip_nonfinite_steps=1;" in caplog.text
+    _assert_finite_checkpoints(tmp_path / "one" / "checkpoints")
+    state = checkpoint_state(tmp_path / "one" / "checkpoints" / "step_0000008.pt")
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {7}  # AdamW applied 7 of 8 steps
+    with monkeypatch.context() as patch:
+        _non_finite(patch, loss_at={3, 4})
+        with pytest.raises(TrainingDiverged, match=r"^training stopped at step 4: the loss and the gradient norm became "
+                                                   r"non-finite \(NaN or inf\) at step 3 .*, in 2 step\(s\); "
+                                                   r"skip_nonfinite_steps=1 exceeded; .*step_0000002\.pt;"):
+            train(dataclasses.replace(config, out_dir=str(tmp_path / "two")))
+    assert _assert_finite_checkpoints(tmp_path / "two" / "checkpoints") == ["step_0000002.pt"]
+
+
+def test_a_diverging_digits_run_stops_with_one_line_and_resumes_with_a_lower_learning_rate(tmp_path, capsys):
+    """The digits default (ARPG-tiny) at a learning rate far too high (it diverges during the warmup,
+    at step 15 here), a checkpoint every 4 steps, two kept: exit status 1, one line naming the
+    step and the last good checkpoint, every checkpoint left finite and loadable, the newest the one
+    named; no model.safetensors. Resumed from it with a low learning rate, the run finishes with
+    finite weights."""
+    command = ["optim.lr=30", "max_steps=24", "ckpt_every=4", "keep_checkpoints=2", "tensorboard=false",
+               "sample.per_class=0", "sample.eval_samples=0", f"out_dir={tmp_path}"]
+    assert run_script("train", *command) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    stopped = re.fullmatch(r"error: training stopped at step (\d+): (.*) became non-finite \(NaN or inf\) at step "
+                           r"(\d+) .*; nothing of it was saved; the last good checkpoint is (\S+); to go on from it "
+                           r"rerun the same command with resume=\4 and a lower optim.lr \(this run: 30; e.g. 15\) "
+                           r"\(set ARPG_TRACEBACK=1 for the traceback\)", line)
+    assert stopped, line
+    step, first_bad, last_good = int(stopped.group(1)), int(stopped.group(3)), Path(stopped.group(4))
+    # Checked at the checkpoint boundaries (log_every=50): the first one after the first bad step.
+    assert step % 4 == 0 and step - 4 < first_bad <= step < 24 and "the loss" in stopped.group(2)
+    names = _assert_finite_checkpoints(tmp_path / "checkpoints")
+    assert names == [f"step_{step - 8:07d}.pt", f"step_{step - 4:07d}.pt"] and last_good.name == names[-1]
+    assert not (tmp_path / "model.safetensors").exists()
+    assert run_script("train", *command, f"resume={last_good}", "optim.lr=1e-4") == 0
+    assert f"resuming from {last_good} at step {step - 4}" in capsys.readouterr().out
+    weights = load_model(tmp_path / "model.safetensors")
+    assert all(torch.isfinite(p).all() for p in weights.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 `train(TrainConfig(...))` runs it; `python scripts/train.py` composes the config from
 `configs/train.yaml`. Modules: `config` (TrainConfig, its sections and checks), `state` (the
-run's state, EMA, schedule and checkpoint files), `loop` (the loop itself).
+run's state, EMA, schedule and checkpoint files), `nonfinite` (stopping a run that diverged
+before anything of it is saved), `loop` (the loop itself).
 """
 
 from arpg.train.config import TrainConfig, TrainResult, validate

@@ -151,6 +151,10 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
+    # Steps with a non-finite loss or gradient norm to skip (not apply) before the run stops; 0:
+    # stop at the first, keeping the last good checkpoint (arpg.train.nonfinite). > 0 costs a host
+    # sync per step.
+    skip_nonfinite_steps: int = 0
     resume: str = "auto"  # "auto" (newest complete checkpoint in out_dir, if any) | "none" | a path
     # What a resume may deliberately change of the run it continues (RESUME_CHANGES), e.g.
     # [total_steps] to extend a finished run: its schedule is then recomputed for the new length.
@@ -221,6 +225,8 @@ def validate(config: TrainConfig) -> None:
             f"stop_at_step must be >= 1 or null, got {config.stop_at_step}")
     for name in ("log_every", "ckpt_every", "keep_checkpoints"):
         require(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
+    require(config.skip_nonfinite_steps >= 0,
+            f"skip_nonfinite_steps must be >= 0 (0: stop at the first non-finite step), got {config.skip_nonfinite_steps}")
     require(config.resume in ("auto", "none") or Path(config.resume).is_file(),
             f"resume must be 'auto', 'none' or an existing checkpoint file, got {config.resume!r}")
     unknown = sorted(set(config.resume_changes) - set(RESUME_CHANGES))

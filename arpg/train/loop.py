@@ -45,6 +45,7 @@ from arpg.sample import generate
 from arpg.tokenizer import load_tokenizer
 from arpg.train.config import (GridSettings, OptimSettings, RunPlan, RuntimeSettings, TrainConfig, TrainResult,
                                plan_run, resolve, validate, validate_processes)
+from arpg.train.nonfinite import NonFiniteGuard
 from arpg.train.state import (EMA, Run, check_same_run, find_resume_state, learning_rate, read_training_state,
                               run_record)
 
@@ -172,7 +173,7 @@ class _Progress:
         self.loss_sum = torch.zeros((), device=self.accelerator.device)
         self.window_start, self.window_time = run.step, time.time()
 
-    def step_done(self, step: int, loss: Tensor, lr: float, grad_norm: Optional[Tensor]) -> None:
+    def step_done(self, step: int, loss: Tensor, lr: float, grad_norm: Tensor) -> None:
         """Record optimizer step `step` (1-based) with its mean micro-batch loss."""
         self.loss_sum += loss
         self.bar.update(1)
@@ -183,9 +184,8 @@ class _Progress:
         tokens_per_s = window * self.tokens_per_step / (time.time() - self.window_time)
         self.loss_log.append((step, mean_loss))
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        scalars = {"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tokens_per_s}
-        if grad_norm is not None:
-            scalars["train/grad_norm"] = float(grad_norm)
+        scalars = {"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tokens_per_s,
+                   "train/grad_norm": float(grad_norm)}
         self.add_scalars(scalars, step)
         self.loss_sum.zero_()
         self.window_start, self.window_time = step, time.time()
@@ -288,7 +288,9 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
     fixed_order = config.model.family.fixed_order  # LlamaGen / PAR: their own sequence, no order input
     micro = optim.batch_size // (world * accum)
     progress = _Progress(run, end_step, tokens_per_step=optim.batch_size * h * w)
-    checkpoint = resume_path  # until this invocation writes one
+    guard = NonFiniteGuard(accelerator, list(model.parameters()), config.skip_nonfinite_steps, optim.lr,
+                           lambda step: learning_rate(step - 1, total_steps, plan.warmup_steps, optim.lr, optim.min_lr))
+    checkpoint = resume_path  # until this invocation writes one: the last good state
     model.train()
     while run.step < end_step:
         epoch, first_batch = divmod(run.step, steps_per_epoch)
@@ -320,18 +322,25 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
                     _, loss = train_model(tokens, labels, check=False, drop_labels=False, return_logits=False, **order)
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
-            grad_norm = None
-            if optim.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            optimizer.step()
+            # Without clipping (max norm inf) the norm is still measured: the guard checks it.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip or math.inf)
+            if not guard.observe(run.step + 1, step_loss, grad_norm):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.ema.update(raw_model)
             run.step += 1
             progress.step_done(run.step, step_loss, lr, grad_norm)
-            if run.step % config.ckpt_every == 0 or run.step == end_step:
+            saving = run.step % config.ckpt_every == 0 or run.step == end_step
+            sampling = (wants_grids and config.sample.every_steps and run.step % config.sample.every_steps == 0
+                        and run.step < total_steps)
+            if saving or sampling or run.step % config.log_every == 0:
+                stop = guard.check(run.step, checkpoint)
+                if stop is not None:
+                    progress.close()
+                    raise stop
+            if saving:
                 checkpoint = run.save_checkpoint()
-            if (wants_grids and config.sample.every_steps and run.step % config.sample.every_steps == 0
-                    and run.step < total_steps):
+            if sampling:
                 _sample_on_main(run, tokenizer, run.out_dir / "samples" / f"step_{run.step:07d}.png")
 
     weights = samples = accuracy = None

@@ -97,6 +97,18 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(paths, key=lambda p: int(p.stem.removeprefix("step_")), reverse=True)
 
 
+def _tensor_bytes(value: Any) -> int:
+    """About what torch.save writes of a nested dict/list: its tensors' bytes, plus 256 per tensor
+    (torch.save's zip entry and 64-byte alignment)."""
+    if isinstance(value, Tensor):
+        return value.nbytes + 256
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 _STATE_KEYS = ("model", "ema", "optimizer", "step", "config", "rng")
 CORRUPT_SUFFIX = ".corrupt"
 
@@ -105,11 +117,15 @@ def read_training_state(path: Path) -> dict:
     """Load a training checkpoint (memory-mapped, so many processes share one copy in RAM).
 
     Raises ValueError for anything that is not a complete training state (a truncated file fails
-    in torch.load: its zip directory sits at the very end).
+    in torch.load: its zip directory sits at the very end) or whose weights are not finite (a run
+    that diverged: never resumed, never counted as kept).
     """
     state = read_torch_file(path, mmap=True)
     missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
     require(not missing, f"{path} is not a training checkpoint (missing {missing})")
+    non_finite = [name for name, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()]
+    require(not non_finite, f"{path} holds non-finite weights ({', '.join(non_finite[:3])}): written by a run that "
+                            f"diverged")
     return state
 
 
@@ -225,7 +241,8 @@ class Run:
             }
             if self.accelerator.scaler is not None:  # fp16 loss scaling
                 state["grad_scaler"] = self.accelerator.scaler.state_dict()
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            atomic_write(path, lambda tmp: torch.save(state, tmp), what="the training checkpoint",
+                         size=_tensor_bytes(state))
             self.readable.add(path)
             self._prune(newest=path)
         self.accelerator.wait_for_everyone()
