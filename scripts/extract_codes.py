@@ -4,8 +4,7 @@
         vq_ckpt=/weights/vq_ds16_c2i.pt augment=ten_crop
 """
 
-from arpg.cli import hydra_main
-from arpg.data import ExtractConfig, extract_codes
+from arpg.commands import extract_codes
 
 if __name__ == "__main__":
-    hydra_main(extract_codes, ExtractConfig, "extract_codes")
+    extract_codes()
