@@ -24,7 +24,7 @@ from arpg.errors import require
 from arpg.sample.options import SamplingOptions
 
 # The package's Hydra configs (the scripts compose them; the recipes below are read from them).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SAMPLING_DIR = CONFIG_DIR / "sampling"
 
 # model.system -> the family's published defaults

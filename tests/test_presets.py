@@ -34,7 +34,7 @@ def preset_config(name: str, *overrides: str) -> SampleFIDConfig:
 def test_every_published_model_has_a_preset(published):
     names = {(system, model) for system in ("ARPG", "PAR") for model in published[system]["models"]}
     assert names == set(PRESETS.values())
-    assert {p.stem for p in (REPO / "configs" / "preset").glob("*.yaml")} >= set(PRESETS)
+    assert {p.stem for p in (REPO / "arpg" / "configs" / "preset").glob("*.yaml")} >= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p.startswith("arpg")))
