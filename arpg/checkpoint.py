@@ -1,10 +1,13 @@
 """Reading and writing model weights, for every model family.
 
-* `save(model, path)` writes safetensors with the family and its config as JSON metadata, atomically.
+* `save(model, path)` (`arpg.export`) writes safetensors with the family, its config and its
+  sampling recipe (`model.sampling`) as JSON metadata, atomically.
 * `load_model(path)` reads those files and the published `.pt` files with strict key and shape
   checks: ARPG (`arpg_300m.pt`, `arpg_700m.pt`, `arpg_1b.pt`), LlamaGen's c2i GPT (`c2i_B_256.pt`
   ... `c2i_3B_384.pt`), PAR (`PAR-XL-4x.pt` ... `PAR-3B-16x.pt`) and training checkpoints. The
-  family is recognised from the key names, the size from the shapes (`infer_config`).
+  family is recognised from the key names, the size from the shapes (`infer_config`). The model's
+  recipe is the one the file records (our safetensors, training checkpoints), else that of the
+  released file of that size (`arpg.recipes.published_recipe`).
 """
 
 from __future__ import annotations
@@ -12,34 +15,24 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from arpg.errors import require
-from arpg.files import atomic_write, read_torch_file
-from arpg.models import FAMILIES, MODEL_SIZES, Family, family_of
+from arpg.files import read_torch_file
+from arpg.export import save
+from arpg.models import FAMILIES, MODEL_SIZES, Family
+from arpg.recipes import published_recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_CHOICES = ("default", "model", "ema")
 # The published sampler's order of preference among the entries of a `.pt` checkpoint.
 _PUBLISHED_WEIGHT_KEYS = ("model", "module", "state_dict")
-
-
-def save(model: nn.Module, path: str | Path, weights: str = "model") -> Path:
-    """Write `model`'s weights as safetensors with its family and config in the metadata (atomic).
-
-    `weights` records what the tensors are ("model" or "ema") for whoever loads them later.
-    """
-    metadata = {"format": "arpg", "family": family_of(model).name, "config": json.dumps(model.config.to_dict()),
-                "weights": weights}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), what="the model weights",
-                        size=sum(t.nbytes for t in state.values()))
 
 
 def load_weights(path: str | Path, weights: str = "default") -> tuple[dict[str, Tensor], Optional[dict]]:
@@ -49,12 +42,19 @@ def load_weights(path: str | Path, weights: str = "default") -> tuple[dict[str, 
     "state_dict", else the dict itself); "model" is the same; "ema" takes the EMA copy when the file
     has one (falling back to "model" with a warning). Which entry was taken is logged.
     """
-    state, config, _ = _read_checkpoint(path, weights)
-    return state, config
+    checkpoint = _read_checkpoint(path, weights)
+    return checkpoint.state, checkpoint.config
 
 
-def _read_checkpoint(path: str | Path, weights: str) -> tuple[dict[str, Tensor], Optional[dict], Optional[str]]:
-    """`load_weights` plus the family the file records (our safetensors), else None."""
+class _Checkpoint(NamedTuple):
+    state: dict[str, Tensor]
+    config: Optional[dict]  # the model config the file records
+    family: Optional[str]  # the family the file records (our safetensors)
+    sampling: Optional[dict]  # the sampling recipe the file records (ours)
+
+
+def _read_checkpoint(path: str | Path, weights: str) -> _Checkpoint:
+    """`load_weights` plus what else the file records (family, sampling recipe)."""
     if weights not in WEIGHTS_CHOICES:
         raise ValueError(f"weights must be one of {WEIGHTS_CHOICES}, got {weights!r}")
     path = _existing(path)
@@ -66,18 +66,18 @@ def _read_checkpoint(path: str | Path, weights: str) -> tuple[dict[str, Tensor],
     obj = read_torch_file(path, mmap=True)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
-    config = _config_from_checkpoint(obj)
+    config, sampling = _config_from_checkpoint(obj), _sampling_from_checkpoint(obj)
     if weights == "ema":
         if "ema" in obj:
             log.info("%s: using the 'ema' weights", path)
-            return _as_state_dict(obj["ema"], path, "ema"), config, None
+            return _Checkpoint(_as_state_dict(obj["ema"], path, "ema"), config, None, sampling)
         log.warning("%s has no 'ema' weights; using the model weights instead", path)
     for key in _PUBLISHED_WEIGHT_KEYS:
         if key in obj:
             log.info("%s: using the %r weights", path, key)
-            return _as_state_dict(obj[key], path, key), config, None
+            return _Checkpoint(_as_state_dict(obj[key], path, key), config, None, sampling)
     log.info("%s: using the top-level dict as the state dict", path)
-    return _as_state_dict(obj, path, "top-level dict"), config, None
+    return _Checkpoint(_as_state_dict(obj, path, "top-level dict"), config, None, sampling)
 
 
 def load_model(path: str | Path, weights: str = "default", model_name: Optional[str] = None,
@@ -92,10 +92,17 @@ def load_model(path: str | Path, weights: str = "default", model_name: Optional[
     16x16 unless `overrides` say otherwise, e.g. `block_size=576` (24x24) for LlamaGen's 384px
     files and the released PAR models. `overrides` replace any config field. Keys and shapes must
     match exactly; the first mismatch is reported with both shapes.
+
+    `model.sampling` (the recipe `generate` starts from) is what the file records, else, for a
+    published file, the settings of the released file of that size (ARPG-L: 64 arccos steps,
+    linear guidance 5.0; `arpg.recipes`).
     """
-    state, config_dict, family_name = _read_checkpoint(path, weights)
+    state, config_dict, family_name, sampling_dict = _read_checkpoint(path, weights)
+    published = None  # the released file's name for a file that records no config
     if config_dict is None:
-        family, config_dict = infer_config(state, model_name, path)
+        family, size, config_dict = _infer_size(state, model_name, path)
+        regions = config_dict.get("regions", 1)
+        published = f"{size}-{regions}x" if regions > 1 else size
     else:
         family = FAMILIES[family_name] if family_name else _recognise_family(state, path)[0]
     fields = family.config.__dataclass_fields__
@@ -106,6 +113,10 @@ def load_model(path: str | Path, weights: str = "default", model_name: Optional[
         model = family.model(config)
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
+    if sampling_dict is not None:
+        model.sampling = recipe_from_dict(sampling_dict, path)
+    elif published is not None:
+        model.sampling = published_recipe(published, model.system)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -141,7 +152,7 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], Optional[dict], Optional[str]]:
+def _load_safetensors(path: Path) -> _Checkpoint:
     try:
         from safetensors import safe_open
 
@@ -161,7 +172,19 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], Optional[dict], Op
                                                   f"{sorted(FAMILIES)}")
     log.info("%s: safetensors (%s weights) of the %s family", path, metadata.get("weights", "unrecorded"),
              family or "unrecorded")
-    return state, config, family
+    try:
+        sampling = json.loads(metadata["sampling"]) if "sampling" in metadata else None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its 'sampling' metadata is not valid JSON ({err})") from None
+    return _Checkpoint(state, config, family, sampling)
+
+
+def _sampling_from_checkpoint(obj: Mapping) -> Optional[dict]:
+    """The sampling settings a training checkpoint's run used (its recipe), else None."""
+    config = obj.get("config")
+    train = config.get("train") if isinstance(config, Mapping) else None
+    sampling = train.get("sampling") if isinstance(train, Mapping) else None
+    return dict(sampling) if isinstance(sampling, Mapping) else None
 
 
 def _config_from_checkpoint(obj: Mapping) -> Optional[dict]:
@@ -198,6 +221,13 @@ def infer_config(state: Mapping[str, Tensor], model_name: Optional[str] = None,
     regions, ...) are read off them. The token grid is not in a state dict (block_size stays the
     size's default, 16x16).
     """
+    family, _, fields = _infer_size(state, model_name, source)
+    return family, fields
+
+
+def _infer_size(state: Mapping[str, Tensor], model_name: Optional[str], source: str | Path
+                ) -> tuple[Family, str, dict]:
+    """`infer_config` plus the registered size's name (a PAR file gets a PAR-* name)."""
     family, fields = _recognise_family(state, source)
     sizes = {name: size for name, (family_name, size) in MODEL_SIZES.items() if family_name == family.name}
     if model_name is None:
@@ -206,8 +236,10 @@ def infer_config(state: Mapping[str, Tensor], model_name: Optional[str] = None,
         if not matches:
             raise ValueError(f"{source}: no registered {family.name} size has dim={fields['dim']}, "
                              f"n_layer={fields['n_layer']}; pass model_name= one of {sorted(sizes)} (or a config)")
-        model_name = matches[0]
+        # LlamaGen and PAR share their sizes: the name follows whether the file has regions
+        parallel = fields.get("regions", 1) > 1
+        model_name = sorted(matches, key=lambda name: (sizes[name].get("regions", 1) > 1) != parallel)[0]
     if model_name not in sizes:
         raise ValueError(f"model_name must be a {family.name} size, one of {sorted(sizes)}, got {model_name!r}")
     log.info("%s: %s layout, size %s, with %s from the shapes", source, family.name, model_name, fields)
-    return family, {**sizes[model_name], **fields}
+    return family, model_name, {**sizes[model_name], **fields}

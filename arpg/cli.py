@@ -14,35 +14,52 @@ its error) end a script with one line on stderr naming the setting or file, and 
 `ARPG_TRACEBACK=1` shows the full traceback instead.
 Scripts write nothing of Hydra's (no `outputs/`, no `hydra/` folder, no log file; see
 `configs/quiet_hydra.yaml`), and INFO logging shows on the console.
+
+A section declared with `overlay_field(SomeDataclass)` (the sampling settings of scripts/sample.py
+and scripts/sample_fid.py) takes the keys of that dataclass but arrives as a dict of only the keys
+the composition set (a group file, a preset or the command line): they replace single fields of
+something the script knows later (the model's recipe), the others stay unset.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import field
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from arpg.errors import STORAGE_ERRNOS, ProcessFailed, SettingError, TrainingDiverged, require
+from arpg.recipes import CONFIG_DIR
 
 T = TypeVar("T")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TRACEBACK_ENV = "ARPG_TRACEBACK"
 # Shown as one line: a user's error, and another process's failure (that process shows its own error).
 USER_ERRORS = (ValueError, FileNotFoundError, TrainingDiverged, ProcessFailed)
 
 
+def overlay_field(fields_of: type) -> Any:
+    """A dataclass field holding the keys of the dataclass `fields_of` that a composition sets, as
+    a dict (default: empty). From Python it may also hold a whole `fields_of` instance."""
+    return field(default_factory=dict, metadata={"overlay_of": fields_of})
+
+
 def register_schema(name: str, schema: type) -> str:
-    """Register `schema` as `<name>_schema` in Hydra's ConfigStore and return that name."""
+    """Register `schema` as `<name>_schema` in Hydra's ConfigStore and return that name. An
+    `overlay_field` section gets every key of its dataclass, unset (MISSING), so that an override
+    with a typo is refused and the keys left unset are known after composing."""
     schema_name = f"{name}_schema"
-    ConfigStore.instance().store(name=schema_name, node=schema)
+    node = OmegaConf.structured(schema)
+    for key, fields_of in _overlays(schema).items():
+        node[key] = {f.name: MISSING for f in dataclasses.fields(fields_of)}
+    ConfigStore.instance().store(name=schema_name, node=node)
     return schema_name
 
 
@@ -52,8 +69,18 @@ def to_dataclass(cfg: DictConfig, schema: type[T]) -> T:
     Hydra's `+key=value` appends even to a structured config, and OmegaConf then sets the stray
     key as an attribute; such keys are an error naming them, so a typo never passes silently.
     A section's own check (e.g. `SamplingOptions`) failing is reported with the section's key,
-    e.g. "sampling.steps must be ...".
+    e.g. "sampling.steps must be ...". An `overlay_field` section becomes the dict of its set keys,
+    checked by building its dataclass from them.
     """
+    cfg = cfg.copy()
+    for key, fields_of in _overlays(schema).items():
+        given = {k: v for k, v in OmegaConf.to_container(cfg[key], resolve=True).items() if v != MISSING}
+        try:
+            fields_of(**given)
+        except SettingError as err:
+            raise SettingError(f"{key}.{err}") from None
+        with open_dict(cfg):
+            cfg[key] = given
     merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     try:
         config = OmegaConf.to_object(merged)
@@ -102,6 +129,11 @@ def hydra_main(fn: Callable[[T], Any], schema: type[T], config_name: str,
             sys.exit(1)
 
     _run()
+
+
+def _overlays(schema: type) -> dict[str, type]:
+    """The `overlay_field` sections of `schema`: key -> the dataclass whose keys they take."""
+    return {f.name: f.metadata["overlay_of"] for f in dataclasses.fields(schema) if "overlay_of" in f.metadata}
 
 
 def _failing_section(config: DictConfig, prefix: str = "") -> str:

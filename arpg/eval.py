@@ -3,9 +3,12 @@
 The metric maths (`frechet_distance`, `feature_statistics`, `inception_score`, `precision_recall`)
 needs only numpy, scipy and torch. Image features come from `InceptionFeatures`, a thin wrapper
 around torch-fidelity's TF-ported FID Inception-v3 (an optional dependency: `pip install
-torch-fidelity`, or `pip install -e '.[eval]'` in a clone of this repository), loaded from a local
-weights file: nothing is downloaded at run time. Any other `FeatureExtractor` can stand in for it
-(`evaluate_npz(extractor=...)`, or `extractor=module:name` on the command line).
+torch-fidelity`, or `pip install -e '.[eval]'` in a clone of this repository), loaded from a
+weights file that is fetched into ~/.cache/arpg on first use and checked against the SHA-256 prefix
+in its name (`arpg.hub.fetch_url`; HF_HUB_OFFLINE=1 never downloads). ADM's ImageNet 256x256
+reference batch is fetched the same way when `ref_npz` names it and no such file exists. Any other
+`FeatureExtractor` can stand in for the network (`evaluate_npz(extractor=...)`, or
+`extractor=module:name` on the command line).
 
 Image sets are `.npz` files in the layout of ADM's evaluation suite (openai/guided-diffusion):
 uint8 images (N, H, W, 3) under `arr_0`; a reference batch may also hold the Inception pool
@@ -33,13 +36,22 @@ from tqdm.auto import tqdm
 
 from arpg.errors import MissingPrerequisites, require
 from arpg.files import read_torch_file
+from arpg.hub import URL_CACHE, fetch_url
 from arpg.runtime import resolve_device, tf32
 
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
 )
-DEFAULT_WEIGHTS_DIR = Path("~/.cache/arpg")
+INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch-fidelity's name carries it, as torch.hub's convention
+DEFAULT_WEIGHTS_DIR = URL_CACHE
+# ADM's (openai/guided-diffusion) reference batches, by file name; they publish no checksum, so a
+# download is checked by its content (`check_reference_batch`)
+ADM_REFERENCE_BATCHES = {
+    "VIRTUAL_imagenet256_labeled.npz":
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+        "VIRTUAL_imagenet256_labeled.npz",
+}
 INCEPTION_FEATURE_DIM = 2048
 INCEPTION_NUM_CLASSES = 1008  # the 2015 TF graph has 1008 outputs: 1000 ImageNet classes + 8 unused
 
@@ -246,8 +258,8 @@ class InceptionFeatures:
     """TF-compatible FID Inception-v3 (torch-fidelity's port of the 2015-12-05 TF graph).
 
     `weights_path` is the `.pth` file itself or a folder holding it under its canonical name
-    `weights-inception-2015-12-05-6726825d.pth`; default `~/.cache/arpg/`. The file is never
-    downloaded here. Calling the object on uint8 images (B, H, W, 3) of any size returns the
+    `weights-inception-2015-12-05-6726825d.pth`; default `~/.cache/arpg/`, where it is fetched on
+    first use (`resolve_inception_weights`). Calling the object on uint8 images (B, H, W, 3) of any size returns the
     2048-d pool features (B, 2048) and the softmax over the 1008 logits without bias (B, 1008),
     both float64: the features FID and precision/recall use and the predictions IS uses, as in the
     TF reference code. Images are resized to 299x299 inside, bilinearly as TF 1.x does.
@@ -288,16 +300,21 @@ class InceptionFeatures:
 def resolve_inception_weights(weights_path: str | Path | None = None) -> Path:
     """The Inception weights file for `weights_path` (file, folder or None for the default folder).
 
-    Raises FileNotFoundError naming the file that is needed, where to put it and where it is published.
+    None: `~/.cache/arpg/`, downloaded from torch-fidelity's release on first use and checked
+    (SHA-256 prefix, state dict); offline and not cached, a FileNotFoundError in one line naming
+    the file and its URL. A given file or folder is never downloaded into: it must hold the file.
     """
-    path = Path(weights_path if weights_path is not None else DEFAULT_WEIGHTS_DIR).expanduser()
-    if path.is_dir() or weights_path is None:
+    if weights_path is None:
+        return fetch_url(INCEPTION_WEIGHTS_URL, INCEPTION_WEIGHTS_FILENAME, INCEPTION_WEIGHTS_SHA256_PREFIX,
+                         check=_check_inception_state_dict)
+    path = Path(weights_path).expanduser()
+    if path.is_dir():
         path = path / INCEPTION_WEIGHTS_FILENAME
     if not path.is_file():
         raise FileNotFoundError(
             f"the Inception weights file {path} (not found): the TF-ported FID Inception-v3 weights "
-            f"{INCEPTION_WEIGHTS_FILENAME}, published by torch-fidelity at {INCEPTION_WEIGHTS_URL}; nothing is "
-            f"downloaded at run time: put the file there, or pass its path (or its folder's) as weights_path")
+            f"{INCEPTION_WEIGHTS_FILENAME}, published by torch-fidelity at {INCEPTION_WEIGHTS_URL}: put the file "
+            f"there, or leave weights_path unset to fetch it into {DEFAULT_WEIGHTS_DIR}")
     return path
 
 
@@ -359,17 +376,37 @@ def load_reference_stats(path: str | Path, extractor: FeatureExtractor | None = 
     return feature_statistics(features)
 
 
+def resolve_reference_batch(ref_npz: str | Path) -> Path:
+    """The reference batch file: `ref_npz` where it exists; a bare name of `ADM_REFERENCE_BATCHES`
+    that does not exist is fetched into ~/.cache/arpg on first use (`arpg.hub.fetch_url`)."""
+    path = Path(ref_npz).expanduser()
+    if not path.is_file() and str(ref_npz) in ADM_REFERENCE_BATCHES:
+        return fetch_url(ADM_REFERENCE_BATCHES[str(ref_npz)], str(ref_npz), check=check_reference_batch)
+    return _require_file(path, "reference batch")
+
+
+def check_reference_batch(path: Path) -> None:
+    """Raise ValueError unless `path` holds ADM's layout: uint8 images `arr_0` (N, H, W, 3) and the
+    Inception statistics `mu` (2048,) and `sigma` (2048, 2048)."""
+    NpzImages(path)  # checks arr_0
+    with np.load(path) as npz:
+        require({"mu", "sigma"} <= set(npz.files) and npz["mu"].shape == (INCEPTION_FEATURE_DIM,)
+                and npz["sigma"].shape == (INCEPTION_FEATURE_DIM,) * 2,
+                f"{path} is not an ADM reference batch: it needs 'mu' ({INCEPTION_FEATURE_DIM},) and 'sigma' "
+                f"({INCEPTION_FEATURE_DIM}, {INCEPTION_FEATURE_DIM})")
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 @dataclass
 class EvalConfig:
     """Evaluate a sample `.npz` against a reference batch (`configs/evaluate.yaml` mirrors this)."""
     sample_npz: str = "samples.npz"  # uint8 images (N, H, W, 3) under arr_0, as sample_fid writes
-    ref_npz: str = "VIRTUAL_imagenet256_labeled.npz"  # ADM reference batch
+    ref_npz: str = "VIRTUAL_imagenet256_labeled.npz"  # ADM reference batch (this bare name: fetched on first use)
     # "inception" (FID's Inception-v3 from weights_path) or "module:name", a FeatureExtractor
     # importable from Python (a callable, or a class built with no arguments)
     extractor: str = "inception"
-    weights_path: str | None = None  # Inception .pth or its folder; None: ~/.cache/arpg/
+    weights_path: str | None = None  # Inception .pth or its folder; None: ~/.cache/arpg/ (fetched on first use)
     device: str = "cpu"
     batch_size: int = 100  # images per Inception forward
     splits: int = 10  # Inception Score splits
@@ -410,7 +447,7 @@ def evaluate_npz(sample_npz: str | Path, ref_npz: str | Path, weights_path: str 
     network built from `weights_path` (for tests or another feature network). Prints a table.
     """
     samples = NpzImages(sample_npz)
-    ref_path = _require_file(ref_npz, "reference batch")
+    ref_path = resolve_reference_batch(ref_npz)
     ref_keys = set(npz_keys(ref_path))
     has_stats = {"mu", "sigma"} <= ref_keys
     if (compute_precision_recall or not has_stats) and "arr_0" not in ref_keys:

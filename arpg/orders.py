@@ -363,6 +363,7 @@ class DecodeRules:
     steps: int | None
     schedule: str | None
     fixed: bool = False
+    schedule_text: str = ""  # the family's own schedule in words, for messages (e.g. "one token per step")
 
 
 def make_plan(

@@ -37,10 +37,10 @@ import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -50,12 +50,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from arpg.checkpoint import WEIGHTS_CHOICES, load_model
+from arpg.cli import overlay_field
 from arpg.errors import describe_differences, differences, require
 from arpg.eval import NpzImages
 from arpg.files import FolderLock, atomic_write, check_free_space, file_digest, remove_partial_writes
 from arpg.runtime import derive_seed, resolve_device, use_bf16
 from arpg.sample import SamplingOptions, generate
 from arpg.sample.decode import check_sampling, check_tokenizer
+from arpg.sample.options import resolve_options
 from arpg.tokenizer import TOKENIZER_CHOICES, load_tokenizer
 
 SETTINGS_FILE = "sample_fid.json"
@@ -73,8 +75,10 @@ _BARRIER_TIMEOUT = timedelta(hours=1)
 
 @dataclass
 class SampleFIDConfig:
-    """`scripts/sample_fid.py` (mirrored by `configs/sample_fid.yaml`; the sampling settings come
-    from the `configs/sampling/` group)."""
+    """`scripts/sample_fid.py` (mirrored by `configs/sample_fid.yaml`). `sampling`: fields of
+    `SamplingOptions` that replace the model's recipe's (`model.sampling`), from the
+    `configs/sampling/` group, a preset (every published field) and the command line; empty: the
+    recipe. From Python it may also be a whole `SamplingOptions`, used as it is."""
 
     checkpoint: str = "???"  # our .safetensors or a published ARPG / LlamaGen / PAR .pt
     weights: str = "default"  # default | model | ema
@@ -87,7 +91,7 @@ class SampleFIDConfig:
     tokenizer: str = "vq16"  # vq16: the VQ autoencoder in vq_ckpt | pixel_digits: 8x8 digits, 17 grey levels
     vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt, or our VQ .safetensors (any VQConfig; its config is stored)
     num_images: int = 50000  # image i has class i % num_classes
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    sampling: Any = overlay_field(SamplingOptions)
     # autocast (ours): float32 weights, norms and softmax inputs, bf16 matmuls on CUDA (sampling.amp) |
     # bf16 (published): the whole model cast to bf16, as sample_c2i_ddp.py's --precision does
     precision: str = "autocast"
@@ -140,7 +144,8 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
                            **grid)
         tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
         check_tokenizer(model, tokenizer)
-        check_sampling(model, config.sampling)
+        options = resolve_options(model.sampling, config.sampling, {})
+        check_sampling(model, options)
         if rank == 0:
             remove_partial_writes(output_dir, "*.png")
             remove_partial_writes(npz.parent, npz.name)
@@ -156,7 +161,7 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
         started = time.perf_counter()
         mine = batches[rank::world]
         if mine:
-            _generate_batches(model, tokenizer, mine, config, device, rank, world)
+            _generate_batches(model, tokenizer, mine, config, options, device, rank, world)
         _barrier(device)
         seconds = time.perf_counter() - started
 
@@ -171,7 +176,7 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
 
 
 def _generate_batches(model, tokenizer, batches: list[list[int]], config: SampleFIDConfig,
-                      device: torch.device, rank: int, world: int) -> None:
+                      options: SamplingOptions, device: torch.device, rank: int, world: int) -> None:
     """Sample and write this rank's batches; PNG encoding of one batch overlaps the next decode."""
     num_classes = model.config.num_classes
     progress = tqdm(total=sum(map(len, batches)), unit="img", disable=rank != 0,
@@ -181,7 +186,7 @@ def _generate_batches(model, tokenizer, batches: list[list[int]], config: Sample
         for indices in batches:
             labels = torch.tensor([i % num_classes for i in indices], device=device)
             generators = [torch.Generator().manual_seed(image_seed(config.seed, i)) for i in indices]
-            images = generate(model, labels, config.sampling, generator=generators,
+            images = generate(model, labels, options, generator=generators,
                               tokenizer=tokenizer)  # (B, C, H, W) in [-1, 1]
             if config.image_size_eval is not None:
                 size = (config.image_size_eval, config.image_size_eval)

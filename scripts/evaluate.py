@@ -4,8 +4,7 @@
         weights_path=~/.cache/arpg device=cuda
 """
 
-from arpg.cli import hydra_main
-from arpg.eval import EvalConfig, evaluate
+from arpg.commands import evaluate
 
 if __name__ == "__main__":
-    hydra_main(evaluate, EvalConfig, "evaluate")
+    evaluate()

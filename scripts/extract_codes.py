@@ -8,8 +8,7 @@ The same command under `torchrun --nproc_per_node 8` or `accelerate launch --mul
 and writes the same shards; an interrupted run resumes on any number of processes.
 """
 
-from arpg.cli import hydra_main
-from arpg.data import ExtractConfig, extract_codes
+from arpg.commands import extract_codes
 
 if __name__ == "__main__":
-    hydra_main(extract_codes, ExtractConfig, "extract_codes")
+    extract_codes()

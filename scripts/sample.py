@@ -5,8 +5,7 @@
         sampling=digits classes=[0,1,2,3,4,5,6,7,8,9] samples_per_class=4 nrow=10 scale=8
 """
 
-from arpg.cli import hydra_main
-from arpg.sample.script import SampleConfig, sample_images
+from arpg.commands import sample
 
 if __name__ == "__main__":
-    hydra_main(sample_images, SampleConfig, "sample")
+    sample()

@@ -6,8 +6,7 @@
         num_images=1000 sampling=digits output_dir=samples/digits
 """
 
-from arpg.cli import hydra_main
-from arpg.sample_fid import SampleFIDConfig, sample_fid
+from arpg.commands import sample_fid
 
 if __name__ == "__main__":
-    hydra_main(sample_fid, SampleFIDConfig, "sample_fid")
+    sample_fid()

@@ -7,8 +7,7 @@
     torchrun --nproc_per_node 8 scripts/train.py experiment=imagenet_arpg_l
 """
 
-from arpg.cli import hydra_main
-from arpg.train import TrainConfig, train
+from arpg.commands import train
 
 if __name__ == "__main__":
-    hydra_main(train, TrainConfig, "train")
+    train()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from arpg import MODEL_SIZES, create_model
-from arpg.checkpoint import atomic_write, load_model, load_weights, save
+from arpg.checkpoint import load_model, load_weights, save
+from arpg.files import atomic_write
 
 
 def _small(**overrides):

@@ -328,7 +328,7 @@ def test_extract_config_errors(image_tree, tmp_path):
 
 
 def test_extract_script_and_yaml_mirror_the_config(image_tree, tmp_path, capsys):
-    yaml_text = (REPO / "configs" / "extract_codes.yaml").read_text()
+    yaml_text = (REPO / "arpg" / "configs" / "extract_codes.yaml").read_text()
     assert yaml_text.splitlines()[0] == "defaults: [extract_codes_schema, quiet_hydra, _self_]"
     keys = {line.split(":")[0] for line in yaml_text.splitlines() if line and line[0].isalpha()}
     assert keys - {"defaults"} == {f.name for f in fields(ExtractConfig)}
@@ -347,7 +347,7 @@ def test_extract_config_typo_is_an_error_naming_the_key():
     from arpg.cli import register_schema, to_dataclass
 
     register_schema("extract_codes", ExtractConfig)
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "arpg" / "configs"), version_base=None):
         config = to_dataclass(compose("extract_codes", overrides=["data_path=/d", "output_dir=/o"]), ExtractConfig)
         assert config == ExtractConfig(data_path="/d", output_dir="/o")  # the YAML defaults equal the dataclass's
         with pytest.raises(ConfigCompositionException, match="shard_sise"):

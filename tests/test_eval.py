@@ -356,6 +356,7 @@ def test_inception_weights_folder_and_default_location(tmp_path, monkeypatch):
     with pytest.raises(MissingPrerequisites, match=str(tmp_path / INCEPTION_WEIGHTS_FILENAME)):
         InceptionFeatures(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default location is fetched into, except offline
     with pytest.raises(MissingPrerequisites, match=str(tmp_path / ".cache" / "arpg" / INCEPTION_WEIGHTS_FILENAME)):
         InceptionFeatures()
 

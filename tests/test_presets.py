@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from arpg.cli import compose_config
+from arpg.recipes import published_recipe
+from arpg.sample import SamplingOptions
 from arpg.sample_fid import SampleFIDConfig
 
 from conftest import data_file
@@ -32,7 +34,7 @@ def preset_config(name: str, *overrides: str) -> SampleFIDConfig:
 def test_every_published_model_has_a_preset(published):
     names = {(system, model) for system in ("ARPG", "PAR") for model in published[system]["models"]}
     assert names == set(PRESETS.values())
-    assert {p.stem for p in (REPO / "configs" / "preset").glob("*.yaml")} >= set(PRESETS)
+    assert {p.stem for p in (REPO / "arpg" / "configs" / "preset").glob("*.yaml")} >= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p.startswith("arpg")))
@@ -40,7 +42,8 @@ def test_arpg_preset_equals_the_published_run(published, preset):
     system, model = PRESETS[preset]
     common, settings = published[system]["common"], published[system]["models"][model]
     config = preset_config(preset)
-    s = config.sampling
+    s = SamplingOptions(**config.sampling)  # a preset sets every published field
+    assert s == published_recipe(model, system)  # the released file's recipe: the same numbers
     assert s.steps == common["step"] and s.schedule == common["sample_schedule"] and s.order == "random"
     assert s.cfg == settings["cfg_scale"] and s.cfg_schedule == common["cfg_schedule"] == "linear"
     assert (s.temperature, s.top_k, s.top_p) == (common["temperature"], common["top_k"], common["top_p"])
@@ -56,7 +59,8 @@ def test_par_preset_equals_the_published_run(published, preset):
     system, model = PRESETS[preset]
     common, settings = published[system]["common"], published[system]["models"][model]
     config = preset_config(preset)
-    s = config.sampling
+    s = SamplingOptions(**config.sampling)  # a preset sets every published field
+    assert s == published_recipe(model, system)  # the released file's recipe: the same numbers
     assert (s.steps, s.schedule, s.order) == (None, None, None)  # PAR's own: n single steps, then n per step
     assert s.cfg == settings["cfg_scale"] and s.cfg_schedule == "constant" and "constant" in common["cfg_schedule"]
     assert (s.temperature, s.top_k, s.top_p) == (common["temperature"], common["top_k"], common["top_p"])
@@ -99,7 +103,7 @@ def test_documented_fid_commands_resolve_to_the_presets(published):
         if changed:  # an experiment on top of a preset: it claims no FID, and its settings win over the preset's
             assert "FID" not in comment, f"a documented command that changes the preset's sampling states a FID: {overrides}"
             sampling = compose_config("sample_fid", SampleFIDConfig, overrides).sampling
-            assert {key: str(getattr(sampling, key.removeprefix("sampling."))) for key in changed} == changed
+            assert {key: str(sampling[key.removeprefix("sampling.")]) for key in changed} == changed
             continue
         # Only where the files are and where the samples go may be added: the sampling is the preset's.
         extra = [o.split("=", 1)[0] for o in overrides if not o.startswith("preset=")]

@@ -514,7 +514,7 @@ def test_bad_editing_arguments_name_the_parameter(model):
     with pytest.raises(ValueError, match="steps"):
         sample.inpaint(model, tokens, keep, [0, 1], steps=0)
     with pytest.raises(ValueError, match="position_scale"):
-        sample.inpaint(model, tokens, keep, [0, 1], position_scale=0.0)
+        sample.inpaint(model, tokens, keep, [0, 1], steps=4, position_scale=0.0)
     with pytest.raises(ValueError, match="size"):
         sample.outpaint(model, tokens, [0, 1], size=(2, 8))
     with pytest.raises(ValueError, match="factor"):

@@ -305,8 +305,7 @@ def test_scripts_take_the_strategies_through_their_sampling_group():
                  "sampling.schedule=cube", "sampling.order=halton", "sampling.cfg_schedule=falling",
                  "sampling.temperature_schedule=linear", "sampling.temperature=0.8"]
     config = compose_config("sample_fid", SampleFIDConfig, overrides)
-    assert config.sampling == SamplingOptions(positions="confidence", position_noise=6.0, schedule="cube",
-                                              order="halton", cfg_schedule="falling",
-                                              temperature_schedule="linear", temperature=0.8)
+    assert config.sampling == dict(positions="confidence", position_noise=6.0, schedule="cube", order="halton",
+                                   cfg_schedule="falling", temperature_schedule="linear", temperature=0.8)
     with pytest.raises(ValueError, match="positions"):
         compose_config("sample_fid", SampleFIDConfig, ["checkpoint=x.pt", "sampling.positions=best"])

@@ -432,7 +432,7 @@ def _probe_writes(kill_at: int | None, events: list[str]) -> None:
     `kill_at`-th (1-based). Events: an optimizer step; a file fully written to its temporary name
     (torch.save, safetensors, PNG; the kill cuts that file to half first: a write cut short); an
     fsync; a rename into place; a deletion (pruning, cleanup, the lock's release)."""
-    import arpg.checkpoint
+    import arpg.export
 
     def hit(what: str, partial: object = None) -> None:
         events.append(what)
@@ -455,7 +455,7 @@ def _probe_writes(kill_at: int | None, events: list[str]) -> None:
         return wrapped
 
     torch.save = after_writing("torch.save", torch.save)
-    arpg.checkpoint.save_file = after_writing("safetensors", arpg.checkpoint.save_file)
+    arpg.export.save_file = after_writing("safetensors", arpg.export.save_file)
     Image.Image.save = after_writing("png", Image.Image.save)
     os.fsync, os.replace = before("fsync", os.fsync), before("rename", os.replace)
     Path.unlink = before("unlink", Path.unlink)

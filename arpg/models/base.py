@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +79,27 @@ class GridGenerator(nn.Module):
         super().__init__()
         self.config = config
         self.condition = ClassCondition(config.num_classes)
+        self._sampling = None
+
+    @property
+    def sampling(self) -> Any:
+        """The model's sampling recipe, an `arpg.sample.SamplingOptions`: what `generate`, editing
+        and the scripts use when no options are given. `arpg.checkpoint.load_model` sets what the
+        file recorded (or a released file's published settings); unset, the family's published
+        defaults (`arpg.recipes`). Every save records it again."""
+        if self._sampling is None:
+            from arpg.recipes import family_recipe  # lazy: arpg.recipes reads the sampling options, whose package imports the models
+
+            self._sampling = family_recipe(self.system)
+        return self._sampling
+
+    @sampling.setter
+    def sampling(self, options: Any) -> None:
+        from arpg.sample.options import SamplingOptions
+
+        require(isinstance(options, SamplingOptions),
+                f"sampling must be an arpg.sample.SamplingOptions, got {type(options).__name__}")
+        self._sampling = options
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -88,6 +110,13 @@ class GridGenerator(nn.Module):
     def system(self) -> str:
         """The name messages use for this model's system (e.g. "ARPG", "LlamaGen", "PAR")."""
         return type(self).__name__
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `folder`/config.json, model.safetensors and generation_config.json (the sampling
+        recipe), the Hub layout `arpg.from_pretrained(folder)` reads back (`arpg.export`)."""
+        from arpg.export import save_pretrained  # lazy: arpg.export reads the sampling options, whose package imports the models
+
+        return save_pretrained(self, folder)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -176,7 +176,9 @@ class LlamaGen(GridGenerator):
     def decode_rules(self) -> DecodeRules:
         """Trained on one sequence, decoded along it only: raster one token per step (n = 1), or
         PAR's regions order with its natural schedule."""
-        return DecodeRules(order=REGION_ORDERS[self.config.regions], steps=None, schedule="regions", fixed=True)
+        n = self.config.regions
+        text = "one token per step" if n == 1 else f"'regions': {n} single tokens, then {n} per step"
+        return DecodeRules(order=REGION_ORDERS[n], steps=None, schedule="regions", fixed=True, schedule_text=text)
 
     # -- the sequence ---------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
     model = load_model("arpg_300m.pt", device="cuda")
     vq = VQTokenizer.from_checkpoint("vq_ds16_c2i.pt").cuda()
-    images = generate(model, [207, 360, 387, 974], steps=64, cfg=5.0, tokenizer=vq)  # (4, 3, 256, 256)
+    images = generate(model, [207, 360, 387, 974], tokenizer=vq)  # (4, 3, 256, 256), ARPG-L's published recipe
 
 How one decode runs (`decode`):
 
@@ -168,7 +168,8 @@ def decode_plan(model: nn.Module, options: SamplingOptions, batch: int,
         require(options.order is None or (isinstance(options.order, str) and options.order == rules.order),
                 f"order: {name} decodes only in its own order ({rules.order!r}); leave order unset")
         require(options.schedule is None or options.schedule == rules.schedule,
-                f"schedule: {name} decodes with its own schedule ({rules.schedule!r}); leave schedule unset")
+                f"schedule: {name} decodes with its own schedule ({rules.schedule_text}); leave schedule unset, "
+                f"got {options.schedule!r}")
         steps = None  # its schedule fixes them (options.steps is checked against the plan below)
     if isinstance(order, Tensor) or len(parts) == 1:
         plan = make_plan(order, batch, h, w, steps, schedule, parts[0][1] if len(parts) == 1 else None, device)
@@ -198,8 +199,10 @@ def generate(model: nn.Module, labels: Sequence[int] | Tensor, options: Optional
     Args:
         model: a model of any family (eval mode); its device decides where sampling runs.
         labels: B class ids in [0, num_classes).
-        options: the `SamplingOptions` (default: `SamplingOptions()`); keyword `overrides` replace
-            single fields, e.g. `generate(model, labels, steps=8, cfg=3.0)`.
+        options: a whole `SamplingOptions`, used as it is; None (default): the model's recipe,
+            `model.sampling` (what its weights recorded, else the published settings). Keyword
+            `overrides` replace single fields of either: `generate(model, labels, steps=8)`
+            keeps the recipe's schedule, guidance and temperature.
         generator: a torch.Generator, or a list of B generators (one per sample: then sample b's
             order and noise come from generator[b] alone, so batching does not change results).
         tokenizer: when given, decode the tokens to images.
@@ -207,7 +210,7 @@ def generate(model: nn.Module, labels: Sequence[int] | Tensor, options: Optional
     Returns:
         tokens (B, h, w) in raster order, or images (B, C, H, W) in [-1, 1] with a tokenizer.
     """
-    options = resolve_options(options, overrides)
+    options = resolve_options(model.sampling, options, overrides)
     check_tokenizer(model, tokenizer)
     device = next(model.parameters()).device
     labels = model.condition.check(labels, device=device)

@@ -57,7 +57,7 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
     Returns:
         tokens (B, H, W), or images with a tokenizer.
     """
-    options = resolve_options(options, overrides)
+    options = resolve_options(model.sampling, options, overrides)
     require(isinstance(model, ARPG), f"model: editing needs an ARPG model (any position can be queried), "
                                      f"got {model.system}")
     check_tokenizer(model, tokenizer)

@@ -1,14 +1,16 @@
 """`SamplingOptions`: the one place that defines, documents and validates how to sample.
 
 `generate`, `inpaint`, the scripts (`configs/sampling/`), training's sample grids, FID sampling and
-the benchmarks all take one of these; a new sampling setting is added here and nowhere else.
+the benchmarks all take one of these; a new sampling setting is added here and nowhere else. A
+model carries one as its recipe (`model.sampling`, saved with its weights, `arpg.recipes`): a
+decode starts from it unless a whole `SamplingOptions` is given (`resolve_options`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 from torch import Tensor
@@ -158,12 +160,19 @@ class SamplingOptions:
         return dataclasses.replace(self, **overrides)
 
 
-def resolve_options(options: Optional[SamplingOptions], overrides: dict[str, Any]) -> SamplingOptions:
-    """`options` (default `SamplingOptions()`) with keyword `overrides` applied."""
-    require(options is None or isinstance(options, SamplingOptions),
-            f"options must be a SamplingOptions or None, got {type(options).__name__}")
-    options = options or SamplingOptions()
-    return options.replace(**overrides) if overrides else options
+def resolve_options(recipe: SamplingOptions, options: Optional[SamplingOptions | Mapping[str, Any]],
+                    overrides: Mapping[str, Any]) -> SamplingOptions:
+    """The options a decode uses. The rule: a whole `SamplingOptions` is used as it is (it replaces
+    the model's recipe); None starts from `recipe` (`model.sampling`); a dict (what the scripts'
+    `sampling` settings hold) and the keyword `overrides` replace single fields of that start.
+    So `generate(model, labels, steps=8)` keeps the recipe's schedule and guidance."""
+    require(options is None or isinstance(options, (SamplingOptions, Mapping)),
+            f"options must be a SamplingOptions, a dict of its fields or None, got {type(options).__name__}")
+    if isinstance(options, SamplingOptions):
+        base, fields = options, dict(overrides)
+    else:
+        base, fields = recipe, {**(options or {}), **overrides}
+    return base.replace(**fields) if fields else base
 
 
 def _is_int_list(value: Any) -> bool:

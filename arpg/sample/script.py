@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from arpg.checkpoint import load_model
+from arpg.cli import overlay_field
 from arpg.errors import require
 from arpg.images import save_grid
 from arpg.runtime import resolve_device
 from arpg.sample.decode import check_sampling, generate
-from arpg.sample.options import SamplingOptions
+from arpg.sample.options import SamplingOptions, resolve_options
 from arpg.tokenizer import load_tokenizer
 
 
 @dataclass
 class SampleConfig:
-    """`scripts/sample.py` (mirrored by `configs/sample.yaml`; the sampling settings come from the
-    `configs/sampling/` group)."""
+    """`scripts/sample.py` (mirrored by `configs/sample.yaml`). `sampling`: fields of
+    `SamplingOptions` that replace the model's recipe's (`model.sampling`), from the
+    `configs/sampling/` group and the command line; empty: the recipe. From Python it may also be
+    a whole `SamplingOptions`, used as it is."""
 
     checkpoint: str = "???"  # our .safetensors or a published checkpoint
     weights: str = "default"  # default | model | ema
@@ -31,7 +34,7 @@ class SampleConfig:
     vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt when tokenizer=vq16
     classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
     samples_per_class: int = 1
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    sampling: Any = overlay_field(SamplingOptions)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output: str = "samples/grid.png"
@@ -52,10 +55,11 @@ def sample_images(config: SampleConfig) -> Path:
     num_classes = model.config.num_classes
     require(all(0 <= c < num_classes for c in config.classes),
             f"classes must be class ids in [0, {num_classes}) for this model, got {config.classes}")
-    check_sampling(model, config.sampling)
+    options = resolve_options(model.sampling, config.sampling, {})
+    check_sampling(model, options)
     labels = [c for c in config.classes for _ in range(config.samples_per_class)]
-    images = generate(model, labels, config.sampling, generator=torch.Generator().manual_seed(config.seed),
+    images = generate(model, labels, options, generator=torch.Generator().manual_seed(config.seed),
                       tokenizer=tokenizer, progress=True)
     path = save_grid(images, config.output, nrow=config.nrow, scale=config.scale)
-    print(f"wrote {len(labels)} samples ({config.sampling}) to {path.resolve()}")
+    print(f"wrote {len(labels)} samples ({options}) to {path.resolve()}")
     return path

@@ -294,6 +294,7 @@ class Run:
         with torch.device("meta"):
             model = build_model(self.model_config)
         model.load_state_dict(state, assign=True)
+        model.sampling = self.config.sampling  # the run's recipe, recorded with the exported weights
         return model.to(self.accelerator.device).eval()
 
 
