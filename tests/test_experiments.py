@@ -25,4 +25,4 @@ def test_each_size_has_its_own_run_the_published_recipe_and_its_published_guidan
     assert config.sample == base.sample
     preset = compose_config("sample_fid", SampleFIDConfig, [f"preset=arpg_{size}", "checkpoint=x.pt"]).sampling
     for field in ("steps", "schedule", "cfg", "cfg_schedule"):  # order: None is ARPG's random, as the preset's
-        assert getattr(config.sampling, field) == getattr(preset, field), field
+        assert getattr(config.sampling, field) == preset[field], field

@@ -61,7 +61,7 @@ def test_a_published_arpg_l_file_samples_with_the_published_arpg_l_settings(tmp_
         state = create_model("ARPG-L").state_dict()
     path = tmp_path / "renamed.pt"
     path.write_bytes(b"not read: read_torch_file is patched")
-    monkeypatch.setattr(arpg.checkpoint, "read_torch_file", lambda p: {"model": state})
+    monkeypatch.setattr(arpg.checkpoint, "read_torch_file", lambda p, **_: {"model": state})
     fid = json.loads(data_file("published_fid_settings.json").read_text())["ARPG"]
     for model in (load_model(path, device="meta"), _by_name("ARPG-L", path, monkeypatch)):
         s = model.sampling
@@ -75,7 +75,7 @@ def test_a_published_par_16x_file_gets_its_own_recipe_and_grid(tmp_path, monkeyp
         state = create_model("PAR-3B", regions=16, block_size=576).state_dict()
     path = tmp_path / "PAR-3B-16x.pt"
     path.write_bytes(b"not read")
-    monkeypatch.setattr(arpg.checkpoint, "read_torch_file", lambda p: {"model": state})
+    monkeypatch.setattr(arpg.checkpoint, "read_torch_file", lambda p, **_: {"model": state})
     fid = json.loads(data_file("published_fid_settings.json").read_text())["PAR"]["models"]["PAR-3B-16x"]
     by_file = load_model(path, device="meta", block_size=576)
     by_name = _by_name("PAR-3B-16x", path, monkeypatch)

@@ -151,14 +151,15 @@ def test_only_the_main_process_copies_the_ema_to_the_cpu(monkeypatch):
     ema = EMA(model, decay=0.9)
     copies, cpu = [], torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self) or cpu(self, *a, **k))
+    config = make_config(*SMALL)
     for main in (False, True):
         copies.clear()
-        run = Run(None, model.config, SimpleNamespace(is_main_process=main, device=torch.device("cpu")), model, model,
+        run = Run(config, model.config, SimpleNamespace(is_main_process=main, device=torch.device("cpu")), model, model,
                   None, ema, step=0, steps_per_epoch=1, total_steps=1, record={})
         state, ema_model = ema.state_dict(keep=main), run.ema_model()
         assert len(copies) == (2 * len(ema.tensors) if main else 0)
         assert (state is None) == (ema_model is None) == (not main)
-    assert state.keys() == model.state_dict().keys()
+    assert state.keys() == model.state_dict().keys() and ema_model.sampling == config.sampling
     for name, tensor in ema_model.state_dict().items():
         assert torch.equal(tensor, state[name]) and torch.equal(tensor, model.state_dict()[name])
 
