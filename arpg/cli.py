@@ -1,7 +1,7 @@
 """Entry-point glue shared by the Hydra scripts in `scripts/`.
 
 Every script is a typed dataclass plus a library function. This module registers the dataclass
-as the structured schema of `configs/<name>.yaml`, so an override with a typo, a wrong type or a
+as the structured schema of `arpg/configs/<name>.yaml`, so an override with a typo, a wrong type or a
 missing required key is an error that names the key, and hands the function a real dataclass
 instance rather than a DictConfig.
 
@@ -13,7 +13,7 @@ other processes of a multi-process job, the failure of one of them (`ProcessFail
 its error) end a script with one line on stderr naming the setting or file, and exit status 1;
 `ARPG_TRACEBACK=1` shows the full traceback instead.
 Scripts write nothing of Hydra's (no `outputs/`, no `hydra/` folder, no log file; see
-`configs/quiet_hydra.yaml`), and INFO logging shows on the console.
+`arpg/configs/quiet_hydra.yaml`), and INFO logging shows on the console.
 
 A section declared with `overlay_field(SomeDataclass)` (the sampling settings of scripts/sample.py
 and scripts/sample_fid.py) takes the keys of that dataclass but arrives as a dict of only the keys
@@ -93,7 +93,7 @@ def to_dataclass(cfg: DictConfig, schema: type[T]) -> T:
 
 
 def compose_config(name: str, schema: type[T], overrides: Sequence[str] = ()) -> T:
-    """Compose `configs/<name>.yaml` with command-line style `overrides` into a `schema` instance,
+    """Compose `arpg/configs/<name>.yaml` with command-line style `overrides` into a `schema` instance,
     as the script would (inside a running Hydra script, in its context)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -107,7 +107,7 @@ def compose_config(name: str, schema: type[T], overrides: Sequence[str] = ()) ->
 
 def hydra_main(fn: Callable[[T], Any], schema: type[T], config_name: str,
                config_dir: str | Path = CONFIG_DIR) -> None:
-    """Compose `configs/<config_name>.yaml` (validated by `schema`) from the command line and call
+    """Compose `arpg/configs/<config_name>.yaml` (validated by `schema`) from the command line and call
     `fn`; a user's error ends the process with one line (see the module docstring)."""
     register_schema(config_name, schema)
     traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")

@@ -10,7 +10,7 @@ from arpg.cli import hydra_main
 
 
 def train() -> None:
-    """`arpg-train`: train ARPG, LlamaGen or PAR (`arpg.train.TrainConfig`, configs/train.yaml)."""
+    """`arpg-train`: train ARPG, LlamaGen or PAR (`arpg.train.TrainConfig`, arpg/configs/train.yaml)."""
     from arpg.train import TrainConfig, train as run
 
     hydra_main(run, TrainConfig, "train")

@@ -400,7 +400,7 @@ def check_reference_batch(path: Path) -> None:
 
 @dataclass
 class EvalConfig:
-    """Evaluate a sample `.npz` against a reference batch (`configs/evaluate.yaml` mirrors this)."""
+    """Evaluate a sample `.npz` against a reference batch (`arpg/configs/evaluate.yaml` mirrors this)."""
     sample_npz: str = "samples.npz"  # uint8 images (N, H, W, 3) under arr_0, as sample_fid writes
     ref_npz: str = "VIRTUAL_imagenet256_labeled.npz"  # ADM reference batch (this bare name: fetched on first use)
     # "inception" (FID's Inception-v3 from weights_path) or "module:name", a FeatureExtractor

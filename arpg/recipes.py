@@ -3,7 +3,7 @@
 A model carries its recipe as `model.sampling` (`arpg.models.base.GridGenerator`): what its weights
 file recorded (a training run records its `sampling` settings), else the published settings of a
 released file, else its family's published defaults. The published numbers live once, in the
-Hydra sampling group `configs/sampling/<name>.yaml`, which the FID presets (`configs/preset/`)
+Hydra sampling group `arpg/configs/sampling/<name>.yaml`, which the FID presets (`arpg/configs/preset/`)
 select and this module reads:
 
     family defaults   arpg (64 arccos steps, linear guidance 4.0: the published `generate`),
@@ -35,7 +35,7 @@ PUBLISHED_RECIPES = {"ARPG-L": "arpg_l", "ARPG-XL": "arpg_xl", "ARPG-XXL": "arpg
 
 
 def recipe(name: str) -> SamplingOptions:
-    """The `SamplingOptions` of `configs/sampling/<name>.yaml` (its `defaults` entries first, as
+    """The `SamplingOptions` of `arpg/configs/sampling/<name>.yaml` (its `defaults` entries first, as
     Hydra composes it), on top of the `SamplingOptions` defaults."""
     return SamplingOptions(**_recipe_fields(name))
 

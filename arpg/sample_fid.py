@@ -75,9 +75,9 @@ _BARRIER_TIMEOUT = timedelta(hours=1)
 
 @dataclass
 class SampleFIDConfig:
-    """`scripts/sample_fid.py` (mirrored by `configs/sample_fid.yaml`). `sampling`: fields of
+    """`scripts/sample_fid.py` (mirrored by `arpg/configs/sample_fid.yaml`). `sampling`: fields of
     `SamplingOptions` that replace the model's recipe's (`model.sampling`), from the
-    `configs/sampling/` group, a preset (every published field) and the command line; empty: the
+    `arpg/configs/sampling/` group, a preset (every published field) and the command line; empty: the
     recipe. From Python it may also be a whole `SamplingOptions`, used as it is."""
 
     checkpoint: str = "???"  # our .safetensors or a published ARPG / LlamaGen / PAR .pt

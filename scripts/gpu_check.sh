@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #14 in one call, within 8 minutes on one H100:
 #   1. `pytest -m cuda`: cache equivalence, bf16 decode, compiled static step == eager (CUDA graphs);
-#   2. the benchmark's cuda preset (configs/bench_preset/cuda.yaml) for ARPG-L, then ARPG-XL and
+#   2. the benchmark's cuda preset (arpg/configs/bench_preset/cuda.yaml) for ARPG-L, then ARPG-XL and
 #      ARPG-XXL (random weights): batch 64, 32 and 64 steps, bf16, eager vs CUDA graphs: images/s,
 #      peak memory and kernels per step per layer; training tokens/s and MFU of ARPG-L.
 # Each stage has its own time limit, so a slow stage cannot take the others' results with it.

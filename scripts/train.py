@@ -1,4 +1,4 @@
-"""Train ARPG, LlamaGen or PAR (see `arpg.train.TrainConfig` and configs/train.yaml).
+"""Train ARPG, LlamaGen or PAR (see `arpg.train.TrainConfig` and arpg/configs/train.yaml).
 
     python scripts/train.py                                   # tiny ARPG on the digits, CPU, minutes
     python scripts/train.py experiment=digits_llamagen        # tiny LlamaGen (raster) on the digits

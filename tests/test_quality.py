@@ -134,7 +134,7 @@ def test_bench_quality_reduced_run_writes_every_field(digits_model, tmp_path, ca
 
 
 def test_default_model_is_the_train_yaml_recipe(monkeypatch, tmp_path):
-    """Without a checkpoint the bench trains configs/train.yaml's default digits run in train_dir."""
+    """Without a checkpoint the bench trains arpg/configs/train.yaml's default digits run in train_dir."""
     import arpg.reports.quality
 
     seen = {}

@@ -52,7 +52,7 @@ RESUME = [*SMALL, "data.split=test", "optim.batch_size=64", "optim.grad_accum=2"
 
 
 def make_config(*overrides: str) -> TrainConfig:
-    """Compose configs/train.yaml with overrides, exactly as scripts/train.py would."""
+    """Compose arpg/configs/train.yaml with overrides, exactly as scripts/train.py would."""
     return compose_config("train", TrainConfig, overrides)
 
 

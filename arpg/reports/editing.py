@@ -25,7 +25,7 @@ from arpg.tokenizer import PixelTokenizer
 
 @dataclass
 class EditingDemoConfig:
-    """`scripts/editing_demo.py` (mirrored by `configs/editing_demo.yaml`)."""
+    """`scripts/editing_demo.py` (mirrored by `arpg/configs/editing_demo.yaml`)."""
 
     checkpoint: str = "runs/tiny_digits/model.safetensors"  # a model trained on the 8x8 digits (vocab 17, 10 classes)
     out_dir: str = "docs"

@@ -2,7 +2,7 @@
 budget, scored by the digits judge of `arpg.quality` against the forward calls each needs.
 
 `bench_families` trains one model per family with `scripts/train.py`'s recipe (equal training
-steps, about equal parameter counts: configs/model/tiny.yaml, llamagen_tiny.yaml, par_tiny.yaml;
+steps, about equal parameter counts: arpg/configs/model/tiny.yaml, llamagen_tiny.yaml, par_tiny.yaml;
 ARPG also with the published all-zero class-token rotation that LlamaGen and PAR use, since the
 embedded ARPG recipe's identity rotation learns class conditioning faster on small data),
 then draws the same class-balanced samples from each: ARPG at several step counts, LlamaGen (64
@@ -38,9 +38,9 @@ from arpg.train import TrainConfig, train
 
 @dataclass
 class BenchFamiliesConfig:
-    """`scripts/bench_families.py` (mirrored by `configs/bench_families.yaml`)."""
+    """`scripts/bench_families.py` (mirrored by `arpg/configs/bench_families.yaml`)."""
 
-    # label -> overrides of configs/train.yaml that train it (each in <train_root>/<label>, resumed if there)
+    # label -> overrides of arpg/configs/train.yaml that train it (each in <train_root>/<label>, resumed if there)
     # ARPG-zeros: the embedded ARPG recipe with the published all-zero class rotation, as LlamaGen/PAR have.
     families: dict[str, list[str]] = field(default_factory=lambda: {
         "ARPG": [], "ARPG-zeros": ["model.cls_rope=zeros"], "LlamaGen": ["experiment=digits_llamagen"],

@@ -47,7 +47,7 @@ def _default_strategies() -> dict[str, dict[str, Any]]:
 
 @dataclass
 class BenchQualityConfig:
-    """`scripts/bench_quality.py` (mirrored by `configs/bench_quality.yaml`)."""
+    """`scripts/bench_quality.py` (mirrored by `arpg/configs/bench_quality.yaml`)."""
 
     checkpoint: str = ""  # a digits model (e.g. runs/tiny_digits/model.safetensors); "": train the default one
     weights: str = "default"  # default | model | ema
@@ -56,7 +56,7 @@ class BenchQualityConfig:
     steps: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 64])
     # The table's columns: name -> SamplingOptions fields that differ from `sampling` (each row sets steps).
     strategies: dict[str, dict[str, Any]] = field(default_factory=_default_strategies)
-    # What every strategy starts from (configs/sampling/digits.yaml, the default run's): random order,
+    # What every strategy starts from (arpg/configs/sampling/digits.yaml, the default run's): random order,
     # the growing "cube" schedule, guidance rising to 3 (the published linear ramp), temperature 1.
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(schedule="cube", cfg=3.0,
                                                                               cfg_schedule="linear"))
@@ -101,7 +101,7 @@ def _validate(config: BenchQualityConfig) -> None:
 
 
 def default_digits_model(train_dir: str, device: torch.device) -> tuple[torch.nn.Module, Path]:
-    """Train (or finish, or just reload) the default digits recipe of configs/train.yaml in `train_dir`."""
+    """Train (or finish, or just reload) the default digits recipe of arpg/configs/train.yaml in `train_dir`."""
     result = train(compose_config("train", TrainConfig, [f"out_dir={train_dir}"]))
     return load_model(result.weights, device=device), result.weights
 

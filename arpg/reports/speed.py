@@ -64,7 +64,7 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100":
 
 @dataclass
 class BenchSampleConfig:
-    """`scripts/bench_sample.py` (mirrored by `configs/bench_sample.yaml`; presets in `configs/bench_preset/`)."""
+    """`scripts/bench_sample.py` (mirrored by `arpg/configs/bench_sample.yaml`; presets in `arpg/configs/bench_preset/`)."""
 
     models: list[str] = field(default_factory=lambda: ["ARPG-tiny"])
     dim: Optional[int] = None  # overrides of the registered sizes, for every model (None: the size's own)

@@ -1,6 +1,6 @@
 """`SamplingOptions`: the one place that defines, documents and validates how to sample.
 
-`generate`, `inpaint`, the scripts (`configs/sampling/`), training's sample grids, FID sampling and
+`generate`, `inpaint`, the scripts (`arpg/configs/sampling/`), training's sample grids, FID sampling and
 the benchmarks all take one of these; a new sampling setting is added here and nowhere else. A
 model carries one as its recipe (`model.sampling`, saved with its weights, `arpg.recipes`): a
 decode starts from it unless a whole `SamplingOptions` is given (`resolve_options`).

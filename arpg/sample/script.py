@@ -20,9 +20,9 @@ from arpg.tokenizer import load_tokenizer
 
 @dataclass
 class SampleConfig:
-    """`scripts/sample.py` (mirrored by `configs/sample.yaml`). `sampling`: fields of
+    """`scripts/sample.py` (mirrored by `arpg/configs/sample.yaml`). `sampling`: fields of
     `SamplingOptions` that replace the model's recipe's (`model.sampling`), from the
-    `configs/sampling/` group and the command line; empty: the recipe. From Python it may also be
+    `arpg/configs/sampling/` group and the command line; empty: the recipe. From Python it may also be
     a whole `SamplingOptions`, used as it is."""
 
     checkpoint: str = "???"  # our .safetensors or a published checkpoint

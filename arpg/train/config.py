@@ -1,6 +1,6 @@
 """The training configuration: `TrainConfig` and its sections, and the checks run before any work.
 
-`configs/train.yaml` mirrors `TrainConfig` (a Hydra structured config); its groups are
+`arpg/configs/train.yaml` mirrors `TrainConfig` (a Hydra structured config); its groups are
 `model/`, `data/` (`arpg.data.DataSettings`), `optim/`, `sampling/` (`arpg.sample.SamplingOptions`)
 and `experiment/`.
 
@@ -133,7 +133,7 @@ class GridSettings:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run reads. `configs/train.yaml` mirrors it (Hydra structured config)."""
+    """Everything a training run reads. `arpg/configs/train.yaml` mirrors it (Hydra structured config)."""
 
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
