@@ -151,7 +151,8 @@ def test_golden_decode_steps_and_output(goldens, monkeypatch, name, use_cache):
         fed = step["input_tokens"] if name == "llamagen" else step["fed_ids"][:, step["fed_kind"] == 1]
         assert torch.equal(ids, fed)
     prefill_ids = steps[0]["input_tokens" if name == "llamagen" else "fed_ids"][:, 0]
-    assert torch.equal(model.class_ids(torch.cat([golden["labels"], torch.full_like(golden["labels"], -1)])),
+    labels = golden["labels"]
+    assert torch.equal(model.condition.table_rows(model.condition.join(labels, model.condition.unconditional(labels))),
                        prefill_ids)
     assert torch.equal(out.flatten(1), golden["generate_output"])
     # Decoding leaves the model as it was: no cache buffers, no flags, the same weights.

@@ -491,10 +491,10 @@ def test_generate_with_tokenizer_and_save_grid(model, tmp_path):
     (dict(steps=0), "steps"), (dict(steps=T + 1), "steps"), (dict(schedule="cubic"), "schedule"),
     (dict(order="spiral"), "order"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(temperature=-0.5), "temperature"), (dict(cfg_schedule="cosine"), "cfg_schedule"),
-    (dict(cfg=-1.0), "cfg"), (dict(labels=[0, 4]), "labels"), (dict(generator=[torch.Generator()]), "generator"),
+    (dict(cfg=-1.0), "cfg"), (dict(conditions=[0, 4]), "labels"), (dict(generator=[torch.Generator()]), "generator"),
 ])
 def test_bad_generate_arguments_name_the_parameter(model, kwargs, name):
-    kwargs = {"labels": [0, 1], "steps": 4, **kwargs}
+    kwargs = {"conditions": [0, 1], "steps": 4, **kwargs}
     with pytest.raises(ValueError, match=name):
         sample.generate(model, **kwargs)
 

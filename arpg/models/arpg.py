@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from arpg.condition import ClassCondition
 from arpg.errors import require
 from arpg.models.base import GridGenerator, TransformerConfig
 from arpg.orders import DecodeRules, random_order
@@ -58,6 +57,8 @@ class ARPGConfig(TransformerConfig):
         require(self.n_layer % 2 == 0,
                 f"n_layer must be even (half self-decoder, half cross-decoder), got {self.n_layer}")
         require(self.cls_rope in CLS_ROPE_CHOICES, f"cls_rope must be one of {CLS_ROPE_CHOICES}, got {self.cls_rope!r}")
+        require(self.model_type == "c2i", f"model_type: ARPG reads class labels ('c2i'; its class token is a row "
+                                          f"of the published embedding table), got {self.model_type!r}")
 
     # Embedding-table layout (published): [0, V) image tokens, V mask token (query input),
     # V + 1 + c class c, V + C + 1 null class (unconditional), V + C + 2 unused.
@@ -304,8 +305,7 @@ class ARPG(GridGenerator):
 
     def class_ids(self, labels: Tensor) -> Tensor:
         """Embedding ids (B,) of class labels; the null label (`ClassCondition.NULL`) is the unconditional class."""
-        return torch.where(labels == ClassCondition.NULL, self.config.null_class_id,
-                           labels + self.config.class_token_offset)
+        return self.condition.table_rows(labels, self.config.class_token_offset, self.config.null_class_id)
 
     # -- training forward -----------------------------------------------------------------------
 

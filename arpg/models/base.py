@@ -1,6 +1,7 @@
 """What the model families share besides their layers: the common hyper-parameters with their
 checks (`TransformerConfig`), and the common surface of a class-conditional token-grid generator
-(`GridGenerator`: its condition, grid, parameter count and input check).
+(`GridGenerator`: its condition, grid, parameter count and input check). The condition type is
+`model_type`'s (`arpg.condition.condition_for`); the models only pass conditions through it.
 
 Each family's config extends `TransformerConfig` with its own fields (ARPG: `cls_rope`; LlamaGen:
 `regions`, ...) and its model extends `GridGenerator`; the field names are the published ones.
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from arpg.condition import ClassCondition
+from arpg.condition import condition_for
 from arpg.errors import require
 from arpg.models.layers import swiglu_hidden_dim
 
@@ -43,6 +44,8 @@ class TransformerConfig:
     ffn_dropout_p: float = 0.1
     class_dropout_prob: float = 0.1
     initializer_range: float = 0.02
+    model_type: str = "c2i"  # the condition: "c2i" class labels, "t2i" caption embeddings (arpg.condition)
+    caption_dim: int = 2048  # t2i: the text encoder's width (flan-t5-xl); cls_token_num caption rows
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes", "multiple_of"):
@@ -51,7 +54,11 @@ class TransformerConfig:
         require(self.head_dim % 4 == 0, f"dim // n_head must be a multiple of 4 for 2-D RoPE, got {self.head_dim}")
         require(math.isqrt(self.block_size) ** 2 == self.block_size,
                 f"block_size must be a perfect square (a square token grid), got {self.block_size}")
-        require(self.cls_token_num == 1, f"cls_token_num must be 1 (as in the published models), got {self.cls_token_num}")
+        require(self.model_type in ("c2i", "t2i"), f"model_type must be 'c2i' or 't2i', got {self.model_type!r}")
+        require(self.cls_token_num == 1 or self.model_type == "t2i",
+                f"cls_token_num must be 1 for class labels (model_type 'c2i', as published), got {self.cls_token_num}")
+        require(self.cls_token_num >= 1 and self.caption_dim >= 1,
+                f"cls_token_num (caption rows) and caption_dim must be >= 1, got {self.cls_token_num}, {self.caption_dim}")
         for name in DROPOUT_FIELDS:
             require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -72,12 +79,12 @@ class TransformerConfig:
 
 
 class GridGenerator(nn.Module):
-    """A class-conditional generator of square token grids (the base of every family's model)."""
+    """A conditional generator of square token grids (the base of every family's model)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
-        self.condition = ClassCondition(config.num_classes)
+        self.condition = condition_for(config)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -93,18 +100,20 @@ class GridGenerator(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @torch.compiler.disable
-    def check_inputs(self, tokens: Tensor, labels: Tensor, values: bool = True) -> tuple[int, int]:
-        """(B, T) after checking training inputs: tokens (B, block_size) integers, labels (B,).
-        `values` also checks the token range [0, vocab_size) and the class ids; that reads values
-        back (a host sync on a GPU), so the training loop checks them on the CPU side instead."""
+    def check_inputs(self, tokens: Tensor, conditions: Any, values: bool = True) -> tuple[int, int]:
+        """(B, T) after checking training inputs: tokens (B, block_size) integers, a batch of B
+        conditions. `values` also checks the token range [0, vocab_size) and the conditions; that
+        reads values back (a host sync on a GPU), so the training loop checks them on the CPU side
+        instead."""
         cfg = self.config
         require(tokens.ndim == 2 and tokens.shape[1] == cfg.block_size and not tokens.dtype.is_floating_point,
                 f"tokens must be integers of shape (B, {cfg.block_size}), got {tokens.dtype} {tuple(tokens.shape)}")
         B, T = tokens.shape
         if not values:
-            require(labels.shape == (B,), f"labels must have shape ({B},), got {tuple(labels.shape)}")
+            size = self.condition.batch_size(conditions)
+            require(size == B, f"conditions must hold {B} samples (one per token row), got {size}")
             return B, T
         require(bool(tokens.min() >= 0) and bool(tokens.max() < cfg.vocab_size),
                 f"tokens must be integers in [0, {cfg.vocab_size}) (vocab_size)")
-        self.condition.check(labels, batch=B)
+        self.condition.check(conditions, batch=B)
         return B, T

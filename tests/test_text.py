@@ -1,0 +1,182 @@
+"""Text conditions: LlamaGen's text-to-image GPT against its golden reference and its released
+layout, the caption condition's seam (checks, guidance, dropout, shards), and prompts in, images out."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from arpg.checkpoint import infer_config, load_model
+from arpg.condition import Captions, ClassCondition, TextCondition, condition_for
+from arpg.models import create_model
+from arpg.models.llamagen import LlamaGen, LlamaGenConfig
+from arpg.sample import SamplingOptions, generate
+from arpg.sample.decode import decode_grid, decode_plan
+from conftest import data_file
+from test_sample import _Recorder  # a `choose` that keeps the guided logits of each step
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return torch.load(data_file("tiny_llamagen_t2i_golden.pt"), weights_only=True)
+
+
+def _golden_model(golden: dict) -> LlamaGen:
+    fields = LlamaGenConfig.__dataclass_fields__
+    model = LlamaGen(LlamaGenConfig(**{k: v for k, v in golden["config"].items() if k in fields}))
+    model.load_state_dict(golden["state_dict"], strict=True)
+    return model.eval()
+
+
+def _captions(golden: dict) -> Captions:
+    return TextCondition(24).check((golden["captions"], golden["emb_masks"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden reference
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_golden_training_forward_and_mask(golden, mode):
+    model = _golden_model(golden).train(mode == "train")  # every dropout is 0: both modes agree
+    captions = _captions(golden)
+    logits, loss = model(golden["tokens"], captions)
+    assert (logits - golden["train_logits"]).abs().max() <= 1e-4
+    assert abs(loss.item() - golden["train_loss"].item()) <= 1e-4
+    mask = model.attention_mask(captions, 135)  # 120 caption rows + the first 15 image tokens
+    assert torch.equal(mask[:, 0], golden["train_attn_mask"])
+
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_golden_greedy_decodes_step_by_step(golden, cfg, use_cache):
+    model = _golden_model(golden)
+    captions = _captions(golden)
+    options = SamplingOptions(cfg=cfg, use_cache=use_cache)
+    plan = decode_plan(model, options, 3, [(3, None)], torch.device("cpu"))
+    recorder = _Recorder(lambda step, slots, logits: logits.argmax(-1))  # top_k 1
+    tokens = decode_grid(model, captions, plan, recorder, options)
+    name = "cfg4" if cfg == 4.0 else "cfg1"
+    assert (torch.cat(recorder.logits, dim=1) - golden[f"greedy_{name}_step_logits"]).abs().max() <= 1e-4
+    assert torch.equal(tokens.flatten(1), golden[f"greedy_{name}_tokens"])
+
+
+def test_golden_null_caption_keeps_the_conditional_mask(golden):
+    # The published decoder runs the null caption under the conditional rows' mask: the
+    # unconditional rows of a sample with 7 valid caption rows see 7 rows of `uncond_embedding`.
+    model = _golden_model(golden)
+    captions = _captions(golden)
+    null = model.condition.unconditional(captions)
+    assert torch.equal(null.mask, captions.mask) and bool(null.null.all())
+    one_row = Captions(captions.embeddings[:1], captions.mask[:1], torch.ones(1, dtype=torch.bool))
+    other = one_row._replace(embeddings=torch.randn_like(one_row.embeddings))  # ignored where null
+    tokens = golden["tokens"][:1]
+    assert torch.equal(model(tokens, one_row)[0], model(tokens, other)[0])
+
+
+def test_released_layout_loads_strictly_on_meta():
+    layout = json.loads(data_file("llamagen_t2i_state_dict_layout.json").read_text())
+    for name, reference in layout["models"].items():
+        with torch.device("meta"):
+            model = create_model("LlamaGen-XL", **reference["config"], drop_path_rate=0.0)
+        state = model.state_dict()
+        assert {k: list(v.shape) for k, v in state.items()} == reference["state_dict"], name
+        assert model.num_parameters() == reference["parameters"]  # uncond_embedding is a buffer
+        assert isinstance(model.condition, TextCondition) and model.condition.rows == 120
+        shapes = {k: torch.empty(v, device="meta") for k, v in reference["state_dict"].items()}
+        family, inferred = infer_config(shapes, source=name)  # recognised from the shapes alone
+        assert family.name == "llamagen" and {k: inferred[k] for k in ("model_type", "caption_dim", "cls_token_num")} \
+            == {"model_type": "t2i", "caption_dim": 2048, "cls_token_num": 120}
+        with torch.device("meta"):
+            LlamaGen(LlamaGenConfig(**inferred, block_size=reference["config"]["block_size"])).load_state_dict(
+                shapes, strict=True, assign=True)
+
+
+def test_published_t2i_file_loads(golden, tmp_path):
+    torch.save({"model": golden["state_dict"]}, tmp_path / "t2i.pt")
+    model = load_model(tmp_path / "t2i.pt", model_name="LlamaGen-tiny", block_size=16, multiple_of=32)
+    logits, _ = model(golden["tokens"], _captions(golden))  # eval mode: as causal as training
+    assert (logits - golden["train_logits"]).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# The condition seam
+
+
+def test_condition_for_picks_the_type():
+    assert isinstance(condition_for(LlamaGenConfig(num_classes=7)), ClassCondition)
+    text = condition_for(LlamaGenConfig(model_type="t2i", caption_dim=16, cls_token_num=8))
+    assert isinstance(text, TextCondition) and (text.rows, text.caption_dim) == (8, 16)
+    with pytest.raises(ValueError, match="model_type"):
+        LlamaGenConfig(model_type="i2i")
+    with pytest.raises(ValueError, match="cls_token_num"):
+        LlamaGenConfig(cls_token_num=4)  # several class tokens: not a published layout
+    with pytest.raises(ValueError, match="model_type"):
+        create_model("ARPG-tiny", model_type="t2i")
+
+
+@pytest.mark.parametrize("value, match", [
+    ((torch.zeros(2, 8, 15), torch.ones(2, 8)), r"\(B, 8, 16\)"),
+    ((torch.zeros(2, 8, 16), torch.ones(2, 7)), r"mask.*\(2, 8\)"),
+    ([3, 4], "prompts"),
+])
+def test_bad_captions_name_the_parameter(value, match):
+    with pytest.raises(ValueError, match=match):
+        TextCondition(16, 8).check(value)
+
+
+def test_caption_batches_join_take_drop():
+    condition = TextCondition(4, 3)
+    captions = condition.check((torch.randn(5, 3, 4), torch.ones(5, 3)))
+    both = condition.join(captions, condition.unconditional(captions))
+    assert condition.batch_size(both) == 10 and both.null.tolist() == [False] * 5 + [True] * 5
+    assert torch.equal(condition.take(both, torch.tensor([6])).embeddings, captions.embeddings[1:2])
+    dropped = condition.drop(captions, 0.5, torch.Generator().manual_seed(0))
+    assert 0 < int(dropped.null.sum()) < 5 and torch.equal(dropped.embeddings, captions.embeddings)
+    assert condition.drop(captions, 0.0) is captions
+
+
+@pytest.mark.parametrize("condition, batch", [
+    (ClassCondition(10), torch.tensor([3, 1, 9])),
+    (TextCondition(4, 6), Captions(torch.randn(3, 6, 4) * torch.tensor([0, 0, 0, 1, 1, 1.])[:, None],
+                                   torch.arange(6).expand(3, 6) >= 3, torch.zeros(3, dtype=torch.bool))),
+])
+def test_shard_storage_round_trip(condition, batch):
+    arrays = condition.shard_arrays(batch)
+    items = [condition.shard_item(arrays, i) for i in range(3)]
+    restored = torch.utils.data.default_collate(items)
+    if isinstance(batch, Tensor := torch.Tensor):
+        assert torch.equal(restored, batch)
+    else:
+        assert torch.equal(restored.mask, batch.mask) and not restored.null.any()
+        assert (restored.embeddings - batch.embeddings).abs().max() <= 1e-2  # float16 storage
+    assert json.loads(json.dumps(condition.manifest_entry()))["kind"] == condition.kind
+
+
+def test_t2i_llamagen_and_par_train_and_decode_consistently():
+    # Teacher forcing, the cached decode and the recomputing decode agree on a text PAR model with
+    # padded captions (any gap would be a mask or position error).
+    torch.manual_seed(0)
+    model = create_model("PAR-tiny", dim=32, n_layer=2, n_head=2, vocab_size=17, block_size=16, model_type="t2i",
+                         caption_dim=8, cls_token_num=6, token_dropout_p=0.0, resid_dropout_p=0.0,
+                         ffn_dropout_p=0.0).double().eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    mask = torch.arange(6).expand(2, 6) >= torch.tensor([[4], [1]])  # 2 and 5 valid rows
+    captions = model.condition.check((torch.randn(2, 6, 8, dtype=torch.float64) * mask[..., None], mask))
+    runs = []
+    for use_cache in (True, False):
+        options = SamplingOptions(cfg=None, use_cache=use_cache)
+        plan = decode_plan(model, options, 2, [(2, None)], torch.device("cpu"))
+        recorder = _Recorder(lambda step, slots, logits: logits.argmax(-1))
+        out = decode_grid(model, captions, plan, recorder, options)
+        runs.append((out, torch.cat(recorder.logits, dim=1)))
+    assert torch.equal(runs[0][0], runs[1][0]) and (runs[0][1] - runs[1][1]).abs().max() < 1e-9
+    logits, _ = model(runs[0][0].flatten(1), captions)  # raster order
+    in_slots = logits[:, model.slot_order()]
+    assert (in_slots - runs[0][1]).abs().max() < 1e-9
