@@ -5,7 +5,8 @@ A condition type validates what a user passes (`check`), handles batches of it (
 and for condition dropout in training (`drop`), embeds it into the prefix rows the model reads
 (`embedding`: a module with the published parameter names; `rows` prefix rows, each with an
 all-zero RoPE row as published; `key_mask`: which of them the other rows may attend to), and says
-how it is stored in token shards (`shard_arrays`, `shard_item`, `manifest_entry`). Models, the
+how it is stored in token shards (`manifest_entry`, `shard_fields`, `shard_arrays`, `shard_item`;
+`condition_from_manifest` reads it back) and which model config fields describe it (`config_fields`). Models, the
 decode loop, editing, training, the data and FID sampling hold "a condition" and never look
 inside it.
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arpg.errors import require
+from arpg.errors import SettingError, require
 
 Device = torch.device | str | None
 
@@ -84,10 +85,20 @@ class Condition:
     def to(self, conditions: Any, device: Device, non_blocking: bool = False) -> Any:
         return _map(lambda a: a.to(device, non_blocking=non_blocking), conditions)
 
+    def config_fields(self) -> dict[str, Any]:
+        """The model config fields of this condition (the inverse of `from_config`)."""
+        raise NotImplementedError
+
+    def fid_conditions(self, indices: Sequence[int], device: Device = None) -> Any:
+        """The conditions of FID sample images `indices` (a fixed, balanced assignment)."""
+        raise NotImplementedError
+
     # -- token shards ---------------------------------------------------------------------------
 
+    shard_fields: tuple[str, ...]  # the arrays of a shard that store the conditions (file-name suffixes)
+
     def manifest_entry(self) -> dict:
-        """What a shard folder's manifest records about its conditions (compared on resume)."""
+        """The manifest fields that describe a shard folder's conditions (compared on resume)."""
         raise NotImplementedError
 
     def shard_arrays(self, conditions: Any) -> dict[str, np.ndarray]:
@@ -119,6 +130,7 @@ class ClassCondition(Condition):
 
     kind = "c2i"
     rows = 1
+    shard_fields = ("labels",)
     NULL = -1
 
     def __init__(self, num_classes: int):
@@ -162,8 +174,15 @@ class ClassCondition(Condition):
     def embedding(self, dim: int) -> ClassEmbedding:
         return ClassEmbedding(self, dim)
 
+    def config_fields(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes}
+
+    def fid_conditions(self, indices: Sequence[int], device: Device = None) -> Tensor:
+        """Image i has class i % num_classes (so 50,000 images of 1000 classes are 50 per class)."""
+        return torch.tensor([i % self.num_classes for i in indices], dtype=torch.long, device=device)
+
     def manifest_entry(self) -> dict:
-        return {"kind": self.kind, "num_classes": self.num_classes}
+        return {"num_classes": self.num_classes}
 
     def shard_arrays(self, labels: Tensor | np.ndarray) -> dict[str, np.ndarray]:
         return {"labels": np.asarray(labels, dtype=np.int64)}
@@ -208,6 +227,7 @@ class TextCondition(Condition):
     (embeddings (B, L, C), mask (B, L)). The prefix is the `max_tokens` caption rows."""
 
     kind = "t2i"
+    shard_fields = ("captions", "caption_lengths")
 
     def __init__(self, caption_dim: int, max_tokens: int = 120, encoder: Any = None):
         require(caption_dim >= 1, f"caption_dim must be >= 1, got {caption_dim}")
@@ -266,8 +286,15 @@ class TextCondition(Condition):
     def embedding(self, dim: int) -> CaptionEmbedding:
         return CaptionEmbedding(self.caption_dim, dim, self.rows)
 
+    def config_fields(self) -> dict[str, Any]:
+        return {"model_type": self.kind, "caption_dim": self.caption_dim, "cls_token_num": self.rows}
+
+    def fid_conditions(self, indices: Sequence[int], device: Device = None) -> Captions:
+        raise SettingError("model: FID sampling of a text-to-image model needs a prompt per image; sample_fid "
+                           "assigns class labels only: sample prompts with generate(model, prompts) instead")
+
     def manifest_entry(self) -> dict:
-        return {"kind": self.kind, "caption_dim": self.caption_dim, "max_tokens": self.rows}
+        return {"condition": {"kind": self.kind, "caption_dim": self.caption_dim, "max_tokens": self.rows}}
 
     def shard_arrays(self, captions: Captions) -> dict[str, np.ndarray]:
         """Float16 embeddings (n, L, C) and the valid-row counts (n,) (the captions are left-padded)."""
@@ -309,6 +336,17 @@ class CaptionEmbedding(nn.Module):
 
 
 CONDITION_TYPES: dict[str, type[Condition]] = {"c2i": ClassCondition, "t2i": TextCondition}
+
+
+def condition_from_manifest(manifest: Mapping[str, Any]) -> Condition:
+    """The condition of a token-shard folder's manifest (`manifest_entry`): its "condition"
+    entry, or class labels (`num_classes`) when it has none."""
+    entry = manifest.get("condition")
+    if entry is None:
+        return ClassCondition(manifest["num_classes"])
+    require(entry.get("kind") == TextCondition.kind, f"manifest condition kind must be one of "
+                                                     f"{[TextCondition.kind]}, got {entry.get('kind')!r}")
+    return TextCondition(entry["caption_dim"], entry["max_tokens"])
 
 
 def condition_for(config: Any) -> Condition:

@@ -3,9 +3,11 @@
 On-disk format (one folder, written by `ShardWriter`):
 
 * `shard_00000_tokens.npy`: uint16 (n, augmentations, h*w), token grids in raster order,
-* `shard_00000_labels.npy`: int64 (n,), class ids,
+* `shard_00000_labels.npy`: int64 (n,), class ids (the condition's arrays, `Condition.shard_arrays`:
+  for captions `shard_00000_captions.npy` float16 (n, L, C) and `shard_00000_caption_lengths.npy`),
 * `manifest.json`: grid size, codebook size, tokenizer identity (and the tokenizer's weights file,
-  when known, so training can decode its sample grids with it), augmentations, class count,
+  when known, so training can decode its sample grids with it), augmentations, the condition
+  (class count, or a "condition" entry: `Condition.manifest_entry`),
   total count and the list of shards with their counts. It is (re)written after every shard,
   with `"complete": true` only once the whole data set is there.
 
@@ -33,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from arpg.condition import ClassCondition, Condition, condition_from_manifest
 from arpg.errors import require
 from arpg.files import FolderLock, atomic_write, remove_partial_writes
 from arpg.runtime import resolve_device, worker_count
@@ -48,8 +51,8 @@ _VERSION = 1
 PUBLISHED_VQ16_IDENTITY = "vq16[vq_ds16_c2i.pt]"
 
 
-def _shard_names(index: int) -> tuple[str, str]:
-    return f"shard_{index:05d}_tokens.npy", f"shard_{index:05d}_labels.npy"
+def _shard_name(index: int, field: str) -> str:
+    return f"shard_{index:05d}_{field}.npy"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -83,18 +86,21 @@ class ShardWriter:
     """
 
     def __init__(self, root: str | Path, *, grid_size: tuple[int, int], codebook_size: int,
-                 tokenizer: str, augmentations: int, num_classes: int,
+                 tokenizer: str, augmentations: int, num_classes: Optional[int] = None,
                  class_names: Sequence[str] | None = None, source: dict[str, Any] | None = None,
-                 tokenizer_file: str | Path | None = None):
+                 tokenizer_file: str | Path | None = None, condition: Optional[Condition] = None):
         if not 1 <= codebook_size <= 65536:
             raise ValueError(f"codebook_size must be in [1, 65536] to fit uint16 shards, got {codebook_size}")
-        if augmentations < 1 or num_classes < 1:
-            raise ValueError(f"augmentations and num_classes must be >= 1, got {augmentations}, {num_classes}")
+        if augmentations < 1:
+            raise ValueError(f"augmentations must be >= 1, got {augmentations}")
+        require((num_classes is None) != (condition is None),
+                "ShardWriter takes num_classes (class labels) or a condition, exactly one of them")
+        self.condition = condition if condition is not None else ClassCondition(int(num_classes))
         self.root = Path(root)
         self.header = {
             "format": _FORMAT, "version": _VERSION,
             "grid_size": [int(grid_size[0]), int(grid_size[1])], "codebook_size": int(codebook_size),
-            "tokenizer": tokenizer, "augmentations": int(augmentations), "num_classes": int(num_classes),
+            "tokenizer": tokenizer, "augmentations": int(augmentations), **self.condition.manifest_entry(),
             "class_names": list(class_names) if class_names is not None else None,
             "source": source or {},
         }
@@ -113,7 +119,7 @@ class ShardWriter:
                                  f"this run has {key}={value!r}; use another output folder or delete it")
         # A shard is listed only after both its files were renamed into place, so it is whole.
         self.shards = {s["index"]: s for s in manifest["shards"]
-                       if all((self.root / s[k]).is_file() for k in ("tokens", "labels"))}
+                       if all((self.root / s[k]).is_file() for k in ("tokens", *self.condition.shard_fields))}
 
     def has_shard(self, index: int) -> bool:
         return index in self.shards
@@ -122,9 +128,9 @@ class ShardWriter:
     def count(self) -> int:
         return sum(s["count"] for s in self.shards.values())
 
-    def write_shard(self, index: int, tokens: np.ndarray, labels: np.ndarray,
-                    skipped: Sequence[str] = ()) -> None:
-        """Write shard `index`: tokens (n, augmentations, h*w) ints, labels (n,) ints.
+    def write_shard(self, index: int, tokens: np.ndarray, conditions: Any, skipped: Sequence[str] = ()) -> None:
+        """Write shard `index`: tokens (n, augmentations, h*w) ints and their n conditions (class
+        ids (n,), or `Captions`), stored as the condition says (`Condition.shard_arrays`).
 
         `skipped` lists inputs of this shard that could not be read; they are recorded so the
         final summary counts them even across restarts.
@@ -133,19 +139,21 @@ class ShardWriter:
         expected = (self.header["augmentations"], h * w)
         if tokens.ndim != 3 or tokens.shape[1:] != expected:
             raise ValueError(f"tokens must have shape (n, {expected[0]}, {expected[1]}), got {tokens.shape}")
-        if labels.shape != (tokens.shape[0],):
-            raise ValueError(f"labels must have shape ({tokens.shape[0]},), got {labels.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.header["codebook_size"]):
             raise ValueError(f"token ids must be in [0, {self.header['codebook_size'] - 1}], "
                              f"got [{tokens.min()}, {tokens.max()}]")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.header["num_classes"]):
-            raise ValueError(f"labels must be in [0, {self.header['num_classes'] - 1}], "
-                             f"got [{labels.min()}, {labels.max()}]")
-        tokens_name, labels_name = _shard_names(index)
-        _save_npy(self.root / tokens_name, tokens.astype(np.uint16))
-        _save_npy(self.root / labels_name, labels.astype(np.int64))
-        self.shards[index] = {"index": index, "tokens": tokens_name, "labels": labels_name,
-                              "count": int(tokens.shape[0]), "skipped": list(skipped)}
+        if isinstance(conditions, np.ndarray):
+            conditions = torch.from_numpy(conditions)
+        if tokens.shape[0]:
+            conditions = self.condition.check(conditions, batch=tokens.shape[0], device="cpu")
+        arrays = self.condition.shard_arrays(conditions)
+        require(all(array.shape[0] == tokens.shape[0] for array in arrays.values()),
+                f"conditions must hold {tokens.shape[0]} samples (one per token row)")
+        names = {field: _shard_name(index, field) for field in ("tokens", *arrays)}
+        _save_npy(self.root / names["tokens"], tokens.astype(np.uint16))
+        for field, array in arrays.items():
+            _save_npy(self.root / names[field], array)
+        self.shards[index] = {"index": index, **names, "count": int(tokens.shape[0]), "skipped": list(skipped)}
         self._write_manifest(complete=False)
 
     def finish(self) -> dict:
@@ -166,7 +174,8 @@ class ShardWriter:
 
 
 class TokenDataset(Dataset):
-    """Pre-tokenised images from a shard folder: item i -> (tokens LongTensor (h*w,), label int).
+    """Pre-tokenised images from a shard folder: item i -> (tokens LongTensor (h*w,), its condition:
+    a class id int, or `Captions` of one sample; `condition` says which).
 
     Each sample stores several augmentations (crops / flips); one is picked per sample per epoch,
     deterministically from (seed, epoch). Call `set_epoch(epoch)` before building each epoch's
@@ -181,13 +190,14 @@ class TokenDataset(Dataset):
             raise ValueError(f"{self.root} is incomplete ({self.manifest['count']} samples so far): the "
                              f"extraction was interrupted; rerun it with the same output folder to finish")
         self.shards = self.manifest["shards"]
+        self.condition = condition_from_manifest(self.manifest)
         for shard in self.shards:
-            for key in ("tokens", "labels"):
+            for key in ("tokens", *self.condition.shard_fields):
                 if not (self.root / shard[key]).is_file():
                     raise FileNotFoundError(f"{self.root / shard[key]} listed in the manifest is missing")
         self._ends = np.cumsum([s["count"] for s in self.shards])  # exclusive end index of each shard
         self.seed = seed
-        self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._arrays: list[tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
         self.set_epoch(0)
 
     @property
@@ -199,8 +209,9 @@ class TokenDataset(Dataset):
         return self.manifest["codebook_size"]
 
     @property
-    def num_classes(self) -> int:
-        return self.manifest["num_classes"]
+    def num_classes(self) -> Optional[int]:
+        """The class count of class-labelled data (None for other conditions)."""
+        return self.manifest.get("num_classes")
 
     @property
     def augmentations(self) -> int:
@@ -228,25 +239,26 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return self.manifest["count"]
 
-    def _open(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _open(self) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         # Opened lazily so that DataLoader workers map the files themselves instead of
         # receiving pickled copies of them.
         if self._arrays is None:
             self._arrays = [(np.load(self.root / s["tokens"], mmap_mode="r"),
-                             np.load(self.root / s["labels"], mmap_mode="r")) for s in self.shards]
+                             {field: np.load(self.root / s[field], mmap_mode="r") for field in self.condition.shard_fields})
+                            for s in self.shards]
         return self._arrays
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": None}
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index must be in [0, {len(self) - 1}], got {index}")
         shard = int(np.searchsorted(self._ends, index, side="right"))
         offset = index - (int(self._ends[shard - 1]) if shard else 0)
-        tokens, labels = self._open()[shard]
+        tokens, conditions = self._open()[shard]
         row = tokens[offset, self._choice[index]].astype(np.int64)
-        return torch.from_numpy(row), int(labels[offset])
+        return torch.from_numpy(row), self.condition.shard_item(conditions, offset)
 
 
 class InMemoryTokenDataset(Dataset):
@@ -262,6 +274,7 @@ class InMemoryTokenDataset(Dataset):
         self.grid_size = tuple(grid_size)
         self.codebook_size = codebook_size
         self.num_classes = num_classes
+        self.condition = ClassCondition(num_classes)
         self.tokenizer = tokenizer  # the identity of the tokenizer that made the tokens
         self.tokenizer_file = None
 
@@ -307,7 +320,7 @@ def digits_dataset(split: str | None = None) -> InMemoryTokenDataset:
 
 def _identity(dataset: TokenDataset | InMemoryTokenDataset) -> dict[str, Any]:
     return {"count": len(dataset), "grid_size": list(dataset.grid_size), "codebook_size": dataset.codebook_size,
-            "num_classes": dataset.num_classes, "tokenizer": dataset.tokenizer}
+            **dataset.condition.manifest_entry(), "tokenizer": dataset.tokenizer}
 
 
 DATA_CHOICES = ("digits", "codes")
@@ -346,7 +359,7 @@ class DataSettings:
 
 
 def build_dataset(data: DataSettings, seed: int = 0) -> TokenDataset | InMemoryTokenDataset:
-    """The token data set a `DataSettings` names (items: ((T,) LongTensor, int label))."""
+    """The token data set a `DataSettings` names (items: ((T,) LongTensor, a condition of its `condition`))."""
     data.validate()
     if data.name == "digits":
         return digits_dataset(data.split)

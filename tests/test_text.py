@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from arpg.checkpoint import infer_config, load_model
-from arpg.condition import Captions, ClassCondition, TextCondition, condition_for
+from arpg.condition import Captions, ClassCondition, TextCondition, condition_for, condition_from_manifest
 from arpg.models import create_model
 from arpg.models.llamagen import LlamaGen, LlamaGenConfig
 from arpg.sample import SamplingOptions, generate
@@ -155,7 +155,8 @@ def test_shard_storage_round_trip(condition, batch):
     else:
         assert torch.equal(restored.mask, batch.mask) and not restored.null.any()
         assert (restored.embeddings - batch.embeddings).abs().max() <= 1e-2  # float16 storage
-    assert json.loads(json.dumps(condition.manifest_entry()))["kind"] == condition.kind
+    manifest = json.loads(json.dumps(condition.manifest_entry()))
+    assert condition_from_manifest(manifest).manifest_entry() == condition.manifest_entry()
 
 
 def test_t2i_llamagen_and_par_train_and_decode_consistently():
@@ -180,3 +181,33 @@ def test_t2i_llamagen_and_par_train_and_decode_consistently():
     logits, _ = model(runs[0][0].flatten(1), captions)  # raster order
     in_slots = logits[:, model.slot_order()]
     assert (in_slots - runs[0][1]).abs().max() < 1e-9
+
+
+def test_caption_shards_train_a_text_model(tmp_path):
+    # Caption embeddings stored beside the codes (as LlamaGen's extract_codes_t2i does) train a
+    # text-to-image model with the same loop; the model config takes the data's condition.
+    from arpg.cli import compose_config
+    from arpg.data import ShardWriter, TokenDataset
+    from arpg.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    condition = TextCondition(8, 6)
+    lengths = torch.tensor([1, 6, 3, 2] * 4)
+    mask = torch.arange(6) >= 6 - lengths[:, None]  # left-padded
+    captions = Captions(torch.randn(16, 6, 8) * mask[..., None], mask, torch.zeros(16, dtype=torch.bool))
+    writer = ShardWriter(tmp_path / "codes", grid_size=(4, 4), codebook_size=17, tokenizer="pixel17", augmentations=1,
+                         condition=condition)
+    writer.write_shard(0, rng.integers(0, 17, (16, 1, 16)), captions)
+    writer.finish()
+    data = TokenDataset(tmp_path / "codes")
+    assert data.num_classes is None and data.condition.manifest_entry() == condition.manifest_entry()
+    tokens, batch = torch.utils.data.default_collate([data[i] for i in range(4)])
+    assert isinstance(batch, Captions) and torch.equal(batch.mask, mask[:4]) and tokens.shape == (4, 16)
+    config = compose_config("train", TrainConfig, [
+        "model=llamagen_tiny", "model.dim=32", "model.n_layer=2", "model.n_head=2", "model.multiple_of=32",
+        "data=codes", f"data.path={tmp_path / 'codes'}", "optim.batch_size=8", "max_steps=2", "log_every=1",
+        "tensorboard=false", "sample.per_class=0", "sample.eval_samples=0", f"out_dir={tmp_path / 'run'}"])
+    result = train(config)
+    model = load_model(result.weights)
+    assert isinstance(model.condition, TextCondition) and model.config.cls_token_num == 6
+    assert model.cls_embedding.uncond_embedding.shape == (6, 8)

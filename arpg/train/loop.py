@@ -289,9 +289,10 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             for a in range(accum):
-                tokens, labels = next(micro_batches)
-                raw_model.check_inputs(tokens, labels)  # on the CPU, so the forward needs no device sync
-                tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                tokens, conditions = next(micro_batches)
+                raw_model.check_inputs(tokens, conditions)  # on the CPU, so the forward needs no device sync
+                tokens = tokens.to(device, non_blocking=True)
+                conditions = raw_model.condition.to(conditions, device, non_blocking=True)
                 generator = _micro_batch_generator(config, run.step, rank * accum + a, device)
                 # An ARPG order when one is set (made by make_order: a permutation by construction);
                 # otherwise the model's own (ARPG: random from `generator`).
@@ -299,7 +300,7 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
                     "order": make_order(config.order, micro, h, w, generator=generator, device=device)}
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
-                    _, loss = train_model(tokens, labels, generator=generator, check=False, **order)
+                    _, loss = train_model(tokens, conditions, generator=generator, check=False, **order)
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
             grad_norm = None

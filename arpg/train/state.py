@@ -267,6 +267,8 @@ class Run:
         state = self.ema.state_dict()
         if not self.accelerator.is_main_process:
             return None
+        # The EMA averages the parameters; buffers (a text model's null caption) are the model's own.
+        state.update((name, buffer.detach().cpu()) for name, buffer in self.raw_model.named_buffers())
         with torch.device("meta"):
             model = build_model(self.model_config)
         model.load_state_dict(state, assign=True)
