@@ -241,7 +241,7 @@ class TextCondition(Condition):
 
     def check(self, value: Any, batch: Optional[int] = None, device: Device = None) -> Captions:
         if isinstance(value, str) or (isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value)):
-            value = self.encode([value] if isinstance(value, str) else list(value))
+            value = self.encode([value] if isinstance(value, str) else list(value), device)
         require(isinstance(value, (Captions, tuple)) and len(value) in (2, 3),
                 f"captions must be prompts (strings), Captions, or (embeddings (B, {self.rows}, {self.caption_dim}), "
                 f"mask (B, {self.rows})) for a text-conditional model, got {type(value).__name__}")
@@ -259,12 +259,13 @@ class TextCondition(Condition):
         return Captions(embeddings.to(device), mask.to(device=device, dtype=torch.bool),
                         null.to(device=device, dtype=torch.bool))
 
-    def encode(self, prompts: list[str]) -> Captions:
-        """Captions of `prompts` by the text encoder (built on first use when none is attached)."""
+    def encode(self, prompts: list[str], device: Device = None) -> Captions:
+        """Captions of `prompts` by the text encoder (built on `device` on first use when none is
+        attached)."""
         if self.encoder is None:
             from arpg.text import TextEncoder  # transformers is an optional extra: imported only here
 
-            self.encoder = TextEncoder.from_pretrained(max_tokens=self.rows)
+            self.encoder = TextEncoder.from_pretrained(max_tokens=self.rows, device=device or "cpu")
         require(self.encoder.max_tokens == self.rows and self.encoder.caption_dim == self.caption_dim,
                 f"encoder: the text encoder makes ({self.encoder.max_tokens}, {self.encoder.caption_dim}) captions, "
                 f"the model reads ({self.rows}, {self.caption_dim}) (cls_token_num, caption_dim)")

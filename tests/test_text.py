@@ -15,6 +15,7 @@ from arpg.models import create_model
 from arpg.models.llamagen import LlamaGen, LlamaGenConfig
 from arpg.sample import SamplingOptions, generate
 from arpg.sample.decode import decode_grid, decode_plan
+from arpg.sample.draw import TokenSampler
 from conftest import data_file
 from test_sample import _Recorder  # a `choose` that keeps the guided logits of each step
 
@@ -211,3 +212,84 @@ def test_caption_shards_train_a_text_model(tmp_path):
     model = load_model(result.weights)
     assert isinstance(model.condition, TextCondition) and model.config.cls_token_num == 6
     assert model.cls_embedding.uncond_embedding.shape == (6, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts in, images out (a tiny random T5 encoder: nothing is downloaded)
+
+WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "in", "snow", "thin", "seven", "bold", "two"]
+
+
+def _tiny_text_encoder(max_tokens: int = 6, seed: int = 0):
+    """A word-level tokenizer with T5's conventions (pad 0, </s> appended) and a random 2-layer T5 encoder."""
+    transformers = pytest.importorskip("transformers")  # the `text` extra
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from arpg.text import TextEncoder
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = transformers.T5Config(vocab_size=len(WORDS), d_model=8, d_kv=4, num_heads=2, num_layers=2, d_ff=16)
+    return TextEncoder(tokenizer, transformers.T5EncoderModel(config), max_tokens=max_tokens)
+
+
+def test_text_encoder_makes_the_published_layout_and_caches_prompts():
+    encoder = _tiny_text_encoder()
+    calls = []
+    encoder.encoder.register_forward_hook(lambda module, args, kwargs_out: calls.append(1))
+    prompts = ["a red fox in snow", "two", "a red fox in snow", "a thin seven in red snow"]
+    embeddings, mask = encoder(prompts)
+    assert embeddings.shape == (4, 6, 8) and embeddings.dtype == torch.float32
+    assert mask.sum(1).tolist() == [6, 2, 6, 6]  # words + </s>, at most 6 (truncated)
+    assert torch.equal(mask, torch.arange(6) >= 6 - mask.sum(1, keepdim=True))  # left-padded
+    assert not embeddings[~mask].any() and embeddings[mask].abs().sum(-1).min() > 0  # zero on padded rows only
+    assert len(calls) == 1  # one batch, each prompt once
+    again, _ = encoder(["two", "a red fox in snow"])  # cached: no encoder call
+    assert len(calls) == 1 and torch.equal(again[0], embeddings[1]) and torch.equal(again[1], embeddings[0])
+    # The valid rows are the encoder's states of the prompt alone (the padding changes nothing).
+    alone = encoder.tokenizer(["two"], return_tensors="pt")
+    states = encoder.encoder(**alone).last_hidden_state[0]  # (2, 8)
+    assert (embeddings[1, -2:] - states).abs().max() < 1e-5
+
+
+def _tiny_t2i_model(seed: int = 0) -> LlamaGen:
+    torch.manual_seed(seed)
+    model = create_model("LlamaGen-tiny", dim=32, n_layer=2, n_head=2, multiple_of=32, vocab_size=17, block_size=16,
+                         model_type="t2i", caption_dim=8, cls_token_num=6)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+def test_generate_from_prompts():
+    model = _tiny_t2i_model()
+    model.condition.encoder = _tiny_text_encoder()
+    prompts = ["a red fox in snow", "a bold two"]
+    options = dict(cfg=3.0, temperature=1.0)
+    tokens = generate(model, prompts, generator=[torch.Generator().manual_seed(i) for i in range(2)], **options)
+    assert tokens.shape == (2, 4, 4) and tokens.dtype == torch.long
+    captions = Captions(*model.condition.encoder(prompts), torch.zeros(2, dtype=torch.bool))
+    same = generate(model, captions, generator=[torch.Generator().manual_seed(i) for i in range(2)], **options)
+    alone = generate(model, prompts[1], generator=[torch.Generator().manual_seed(1)], **options)
+    assert torch.equal(tokens, same) and torch.equal(tokens[1:], alone)  # batching changes nothing
+    with pytest.raises(ValueError, match="caption_dim"):
+        model.condition.encoder = _tiny_text_encoder().__class__(model.condition.encoder.tokenizer,
+                                                                 model.condition.encoder.encoder, max_tokens=5)
+        generate(model, prompts)
+    with pytest.raises(ValueError, match="labels must be class ids"):
+        generate(create_model("LlamaGen-tiny", vocab_size=17, block_size=16, num_classes=3), prompts)
+
+
+def test_text_decode_loop_never_syncs(no_host_sync):
+    model = _tiny_t2i_model()
+    mask = torch.arange(6) >= torch.tensor([[3], [0]])
+    captions = model.condition.check((torch.randn(2, 6, 8) * mask[..., None], mask))
+    options = SamplingOptions(cfg=3.0, top_k=5)
+    plan = decode_plan(model, options, 2, [(2, None)], torch.device("cpu"))
+    sampler = TokenSampler(torch.rand(2, 16))
+    with no_host_sync("the decode loop"):
+        decode_grid(model, captions, plan, sampler, options)

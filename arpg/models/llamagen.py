@@ -395,7 +395,8 @@ class LlamaGenDecoder:
         self.step += 1
         if self.k_cache is not None:
             mask = None if self.mask is None else self.mask[..., start:end, :end]
-            return self.step_fn(model, x, self.rope[:, start:end], self.k_cache, self.v_cache, start, mask)[:, -m:]
+            logits = self.step_fn(model, x, self.rope[:, start:end], self.k_cache, self.v_cache, start, mask)
+            return logits if logits.shape[1] == m else logits[:, -m:].contiguous()  # the sampler works in place
         self.inputs[:, start:end] = x
         h = model.transformer(self.inputs[:, :end], self.rope[:, :end], attn_mask=self.mask[..., :end, :end])
         return model.head(h[:, end - m:end])
