@@ -222,22 +222,23 @@ class Captions(NamedTuple):
 
 class TextCondition(Condition):
     """Captions as text-encoder embeddings (LlamaGen's t2i: flan-t5-xl, caption_dim 2048, at most
-    `max_tokens` = 120 rows). `check` takes prompts (strings, encoded by `encoder`, by default
-    `arpg.text.TextEncoder.from_pretrained()` on first use), `Captions`, or a pair
-    (embeddings (B, L, C), mask (B, L)). The prefix is the `max_tokens` caption rows."""
+    `max_tokens` = 120 rows). `check` takes prompts (strings, encoded by `encoder`, by default the
+    one `text_encoder` names, built on first use: `arpg.text.load_text_encoder`), `Captions`, or a
+    pair (embeddings (B, L, C), mask (B, L)). The prefix is the `max_tokens` caption rows."""
 
     kind = "t2i"
     shard_fields = ("captions", "caption_lengths")
 
-    def __init__(self, caption_dim: int, max_tokens: int = 120, encoder: Any = None):
+    def __init__(self, caption_dim: int, max_tokens: int = 120, text_encoder: str = "google/flan-t5-xl",
+                 encoder: Any = None):
         require(caption_dim >= 1, f"caption_dim must be >= 1, got {caption_dim}")
         require(max_tokens >= 1, f"max_tokens (cls_token_num) must be >= 1, got {max_tokens}")
-        self.caption_dim, self.rows = caption_dim, max_tokens
+        self.caption_dim, self.rows, self.text_encoder = caption_dim, max_tokens, text_encoder
         self.encoder = encoder
 
     @classmethod
     def from_config(cls, config: Any) -> TextCondition:
-        return cls(config.caption_dim, config.cls_token_num)
+        return cls(config.caption_dim, config.cls_token_num, config.text_encoder)
 
     def check(self, value: Any, batch: Optional[int] = None, device: Device = None) -> Captions:
         if isinstance(value, str) or (isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value)):
@@ -263,9 +264,9 @@ class TextCondition(Condition):
         """Captions of `prompts` by the text encoder (built on `device` on first use when none is
         attached)."""
         if self.encoder is None:
-            from arpg.text import TextEncoder  # transformers is an optional extra: imported only here
+            from arpg.text import load_text_encoder
 
-            self.encoder = TextEncoder.from_pretrained(max_tokens=self.rows, device=device or "cpu")
+            self.encoder = load_text_encoder(self.text_encoder, self.rows, self.caption_dim, device or "cpu")
         require(self.encoder.max_tokens == self.rows and self.encoder.caption_dim == self.caption_dim,
                 f"encoder: the text encoder makes ({self.encoder.max_tokens}, {self.encoder.caption_dim}) captions, "
                 f"the model reads ({self.rows}, {self.caption_dim}) (cls_token_num, caption_dim)")
@@ -288,14 +289,16 @@ class TextCondition(Condition):
         return CaptionEmbedding(self.caption_dim, dim, self.rows)
 
     def config_fields(self) -> dict[str, Any]:
-        return {"model_type": self.kind, "caption_dim": self.caption_dim, "cls_token_num": self.rows}
+        return {"model_type": self.kind, "caption_dim": self.caption_dim, "cls_token_num": self.rows,
+                "text_encoder": self.text_encoder}
 
     def fid_conditions(self, indices: Sequence[int], device: Device = None) -> Captions:
         raise SettingError("model: FID sampling of a text-to-image model needs a prompt per image; sample_fid "
                            "assigns class labels only: sample prompts with generate(model, prompts) instead")
 
     def manifest_entry(self) -> dict:
-        return {"condition": {"kind": self.kind, "caption_dim": self.caption_dim, "max_tokens": self.rows}}
+        return {"condition": {"kind": self.kind, "caption_dim": self.caption_dim, "max_tokens": self.rows,
+                              "text_encoder": self.text_encoder}}
 
     def shard_arrays(self, captions: Captions) -> dict[str, np.ndarray]:
         """Float16 embeddings (n, L, C) and the valid-row counts (n,) (the captions are left-padded)."""
@@ -347,7 +350,7 @@ def condition_from_manifest(manifest: Mapping[str, Any]) -> Condition:
         return ClassCondition(manifest["num_classes"])
     require(entry.get("kind") == TextCondition.kind, f"manifest condition kind must be one of "
                                                      f"{[TextCondition.kind]}, got {entry.get('kind')!r}")
-    return TextCondition(entry["caption_dim"], entry["max_tokens"])
+    return TextCondition(entry["caption_dim"], entry["max_tokens"], entry["text_encoder"])
 
 
 def condition_for(config: Any) -> Condition:

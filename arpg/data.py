@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from arpg.condition import ClassCondition, Condition, condition_from_manifest
+from arpg.condition import Captions, ClassCondition, Condition, TextCondition, condition_from_manifest
 from arpg.errors import require
 from arpg.files import FolderLock, atomic_write, remove_partial_writes
 from arpg.runtime import resolve_device, worker_count
@@ -262,19 +262,24 @@ class TokenDataset(Dataset):
 
 
 class InMemoryTokenDataset(Dataset):
-    """Token sequences held in memory, with the same interface as `TokenDataset`."""
+    """Token sequences held in memory, with the same interface as `TokenDataset`. Items are
+    (tokens, class id); with `captions` (a `Captions` batch of `condition`), (tokens, caption) and
+    `num_classes` is None (the labels stay for checks of what a model draws)."""
 
     def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, grid_size: tuple[int, int],
-                 codebook_size: int, num_classes: int, tokenizer: str = "unknown"):
+                 codebook_size: int, num_classes: int, tokenizer: str = "unknown",
+                 captions: Optional[Captions] = None, condition: Optional[TextCondition] = None):
         if tokens.shape != (labels.shape[0], grid_size[0] * grid_size[1]):
             raise ValueError(f"tokens must have shape ({labels.shape[0]}, {grid_size[0] * grid_size[1]}), "
                              f"got {tuple(tokens.shape)}")
+        require((captions is None) == (condition is None), "captions and their condition come together")
         self.tokens = tokens.long()
         self.labels = labels.long()
         self.grid_size = tuple(grid_size)
         self.codebook_size = codebook_size
-        self.num_classes = num_classes
-        self.condition = ClassCondition(num_classes)
+        self.captions = None if captions is None else condition.check(captions, batch=labels.shape[0])
+        self.num_classes = num_classes if captions is None else None
+        self.condition = condition or ClassCondition(num_classes)
         self.tokenizer = tokenizer  # the identity of the tokenizer that made the tokens
         self.tokenizer_file = None
 
@@ -289,20 +294,52 @@ class InMemoryTokenDataset(Dataset):
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        if self.captions is not None:
+            return self.tokens[index], self.condition.take(self.captions, index)
         return self.tokens[index], int(self.labels[index])
 
 
 DIGITS_SPLITS = (None, "train", "test")
+# Digits with captions ("a thin seven", "a bold two"): the digit's name, and its stroke, "thin"
+# when the image has less ink than its class's median, else "bold"; encoded by a fixed word table.
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_STROKES = ("thin", "bold")
+DIGITS_TEXT_ENCODER = "words:" + ",".join(("a", *DIGIT_STROKES, *DIGIT_NAMES))
+DIGITS_CAPTION_DIM, DIGITS_CAPTION_TOKENS = 16, 4
 
 
-def digits_dataset(split: str | None = None) -> InMemoryTokenDataset:
+def digit_prompt(label: int, stroke: str) -> str:
+    """The caption of a digit: "a thin seven", "a bold two"."""
+    require(stroke in DIGIT_STROKES, f"stroke must be one of {DIGIT_STROKES}, got {stroke!r}")
+    return f"a {stroke} {DIGIT_NAMES[label]}"
+
+
+def digit_strokes(tokens: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    """"thin" or "bold" for each digit (N, 64): its ink below or at least the median of the real
+    digits of its class (sklearn's full set)."""
+    medians = digits_ink_medians()
+    ink = tokens.flatten(1).sum(1).double()
+    return [DIGIT_STROKES[int(i >= medians[c])] for i, c in zip(ink.tolist(), labels.tolist())]
+
+
+def digits_ink_medians() -> list[float]:
+    """The median ink (sum of grey levels) of the real digits of each class."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    ink = digits.images.reshape(-1, 64).sum(1)
+    return [float(np.median(ink[digits.target == c])) for c in range(len(DIGIT_NAMES))]
+
+
+def digits_dataset(split: str | None = None, captions: bool = False) -> InMemoryTokenDataset:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as tokens; nothing is downloaded.
 
     Each pixel is one token: its grey level 0..16 exactly as sklearn stores it (the
     `PixelTokenizer.digits()` encoding), in raster order, so items are (64,) LongTensors.
     `split`: None for all images, "train" or "test" for a fixed 80/20 split (every fifth image is
-    a test image, which keeps the classes balanced).
+    a test image, which keeps the classes balanced). `captions`: condition on captions ("a thin
+    seven", see `digit_prompt`) instead of class ids.
     """
     if split not in DIGITS_SPLITS:
         raise ValueError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
@@ -315,7 +352,13 @@ def digits_dataset(split: str | None = None) -> InMemoryTokenDataset:
         is_test = torch.arange(len(labels)) % 5 == 4
         keep = is_test if split == "test" else ~is_test
         tokens, labels = tokens[keep], labels[keep]
-    return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10, tokenizer="pixel17")
+    text = {}
+    if captions:
+        condition = TextCondition(DIGITS_CAPTION_DIM, DIGITS_CAPTION_TOKENS, DIGITS_TEXT_ENCODER)
+        prompts = [digit_prompt(c, stroke) for c, stroke in zip(labels.tolist(), digit_strokes(tokens, labels))]
+        text = dict(captions=condition.check(prompts), condition=condition)
+    return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10, tokenizer="pixel17",
+                                **text)
 
 
 def _identity(dataset: TokenDataset | InMemoryTokenDataset) -> dict[str, Any]:
@@ -324,6 +367,7 @@ def _identity(dataset: TokenDataset | InMemoryTokenDataset) -> dict[str, Any]:
 
 
 DATA_CHOICES = ("digits", "codes")
+CONDITION_CHOICES = ("class", "text")
 
 
 @dataclass
@@ -333,6 +377,7 @@ class DataSettings:
 
     name: str = "digits"
     path: Optional[str] = None
+    condition: str = "class"  # "class" ids | "text" captions (digits: "a thin seven"; codes: the shards')
     split: Optional[str] = None  # digits only: None (all 1797), "train" or "test"
     num_workers: Optional[int] = 0  # loader processes; None: one per core but one (at most 8)
 
@@ -340,12 +385,14 @@ class DataSettings:
     def label(self) -> str:
         """A short name for runs on this data: "digits" (or "digits_test"), or data.path's folder name."""
         if self.name == "digits":
-            return "digits" + (f"_{self.split}" if self.split else "")
+            return "digits" + ("_captions" if self.condition == "text" else "") + (f"_{self.split}" if self.split else "")
         return Path(self.path).resolve().name
 
     def validate(self) -> None:
         """Raise `SettingError` naming the first bad key (prefixed `data.`)."""
         require(self.name in DATA_CHOICES, f"data.name must be one of {DATA_CHOICES}, got {self.name!r}")
+        require(self.condition in CONDITION_CHOICES,
+                f"data.condition must be one of {CONDITION_CHOICES}, got {self.condition!r}")
         if self.name == "codes":
             require(bool(self.path), "data.path must be set for data.name=codes (a folder made by "
                                      "scripts/extract_codes.py)")
@@ -362,8 +409,12 @@ def build_dataset(data: DataSettings, seed: int = 0) -> TokenDataset | InMemoryT
     """The token data set a `DataSettings` names (items: ((T,) LongTensor, a condition of its `condition`))."""
     data.validate()
     if data.name == "digits":
-        return digits_dataset(data.split)
-    return TokenDataset(data.path, seed=seed)
+        return digits_dataset(data.split, captions=data.condition == "text")
+    dataset = TokenDataset(data.path, seed=seed)
+    stored = "class" if isinstance(dataset.condition, ClassCondition) else "text"
+    require(stored == data.condition, f"data.condition={data.condition!r}, but the shards in {data.path} hold "
+                                      f"{stored} conditions; set data.condition={stored}")
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ attention mask, and the last hidden states of the valid tokens are moved to the 
 (left padding) with zeros on the padded rows; `mask` is True on the valid rows. Each prompt's rows
 are cached, so a prompt is encoded once however often it is sampled.
 
-A model reads these through `arpg.condition.TextCondition`, which builds the default encoder on
-first use (or takes one: `model.condition.encoder = TextEncoder(tokenizer, t5_encoder)`).
+A model reads these through `arpg.condition.TextCondition`, which builds the encoder its config
+names (`text_encoder`: a Hub name, or "words:<w1>,<w2>,..." for a `WordTableEncoder`) on first
+use, or takes one (`model.condition.encoder = TextEncoder(tokenizer, t5_encoder)`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,50 @@ from torch import Tensor, nn
 from arpg.errors import MissingPrerequisites, require
 
 DEFAULT_TEXT_ENCODER = "google/flan-t5-xl"  # LlamaGen's t2i models were trained on its captions
+WORD_TABLE_PREFIX = "words:"
+
+
+def load_text_encoder(name: str, max_tokens: int, caption_dim: int, device: torch.device | str = "cpu") -> Any:
+    """The text encoder `name` names: "words:<w1>,<w2>,..." a `WordTableEncoder` over those words
+    (no download), anything else a Hub model or folder for `TextEncoder.from_pretrained`."""
+    if name.startswith(WORD_TABLE_PREFIX):
+        return WordTableEncoder(name[len(WORD_TABLE_PREFIX):].split(","), caption_dim, max_tokens)
+    return TextEncoder.from_pretrained(name, max_tokens, device)
+
+
+class WordTableEncoder:
+    """A deterministic encoder for a closed vocabulary (small demonstrations and tests): word w is
+    a fixed random unit vector of `caption_dim` (seeded by the vocabulary), a prompt its words'
+    vectors, left-padded to `max_tokens` rows with zeros, as `TextEncoder` lays them out. Nothing
+    is learned or downloaded; a word outside the vocabulary is an error naming the vocabulary."""
+
+    def __init__(self, words: Sequence[str], caption_dim: int, max_tokens: int, seed: int = 0):
+        require(len(words) >= 1 and len(set(words)) == len(words) and all(w and " " not in w for w in words),
+                f"words must be distinct single words, got {list(words)}")
+        self.words, self.caption_dim, self.max_tokens = list(words), caption_dim, max_tokens
+        table = torch.randn(len(words), caption_dim, generator=torch.Generator().manual_seed(seed))
+        self.table = table / table.norm(dim=1, keepdim=True)  # (W, C)
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @property
+    def name(self) -> str:
+        """The `text_encoder` setting that rebuilds this encoder."""
+        return WORD_TABLE_PREFIX + ",".join(self.words)
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        require(len(prompts) >= 1 and all(isinstance(p, str) for p in prompts),
+                f"prompts must be a non-empty list of strings, got {prompts!r}")
+        L = self.max_tokens
+        embeddings = torch.zeros(len(prompts), L, self.caption_dim)
+        mask = torch.zeros(len(prompts), L, dtype=torch.bool)
+        for b, prompt in enumerate(prompts):
+            words = prompt.lower().split()
+            unknown = [w for w in words if w not in self.index]
+            require(not unknown and 1 <= len(words) <= L, f"prompt {prompt!r} must be 1 to {L} words of "
+                                                          f"{self.words}" + (f"; unknown: {unknown}" if unknown else ""))
+            embeddings[b, L - len(words):] = self.table[[self.index[w] for w in words]]
+            mask[b, L - len(words):] = True
+        return embeddings, mask
 
 
 class TextEncoder:

@@ -117,8 +117,8 @@ def test_condition_for_picks_the_type():
         LlamaGenConfig(model_type="i2i")
     with pytest.raises(ValueError, match="cls_token_num"):
         LlamaGenConfig(cls_token_num=4)  # several class tokens: not a published layout
-    with pytest.raises(ValueError, match="model_type"):
-        create_model("ARPG-tiny", model_type="t2i")
+    with torch.device("meta"):
+        assert isinstance(create_model("ARPG-tiny", model_type="t2i").condition, TextCondition)
 
 
 @pytest.mark.parametrize("value, match", [
@@ -293,3 +293,62 @@ def test_text_decode_loop_never_syncs(no_host_sync):
     sampler = TokenSampler(torch.rand(2, 16))
     with no_host_sync("the decode loop"):
         decode_grid(model, captions, plan, sampler, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# ARPG with captions
+
+
+def _tiny_arpg_t2i(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = create_model("ARPG-tiny", dim=32, n_layer=4, n_head=2, vocab_size=17, block_size=16, model_type="t2i",
+                         caption_dim=8, cls_token_num=6, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+                         **overrides)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cls_rope", ["zeros", "identity"])
+def test_arpg_with_captions_decodes_as_it_trains(cls_rope):
+    # Causal within steps and one token per step make the decode the teacher-forced pass: any gap
+    # is a mask, position or cache error of the caption rows.
+    model = _tiny_arpg_t2i(cls_rope=cls_rope).double()
+    assert "embeddings.weight" in model.state_dict() and model.embeddings.weight.shape[0] == 18  # tokens + mask
+    fields = model.fields_from_state_dict(model.state_dict())  # a checkpoint's shapes say it reads captions
+    assert (fields["model_type"], fields["cls_token_num"], fields["caption_dim"]) == ("t2i", 6, 8)
+    mask = torch.arange(6) >= torch.tensor([[4], [1]])  # 2 and 5 valid rows
+    captions = model.condition.check((torch.randn(2, 6, 8, dtype=torch.float64) * mask[..., None], mask))
+    order = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    runs = []
+    for use_cache in (True, False):
+        options = SamplingOptions(cfg=None, use_cache=use_cache, causal_within_step=True, steps=16, order=order)
+        plan = decode_plan(model, options, 2, [(2, None)], torch.device("cpu"))
+        recorder = _Recorder(lambda step, slots, logits: logits.argmax(-1))
+        tokens = decode_grid(model, captions, plan, recorder, options)
+        runs.append((tokens, torch.cat(recorder.logits, dim=1)))
+    assert torch.equal(runs[0][0], runs[1][0]) and (runs[0][1] - runs[1][1]).abs().max() < 1e-9
+    logits, _ = model(runs[0][0].flatten(1), captions, order=order)  # raster order
+    assert (logits.gather(1, order[..., None].expand_as(logits)) - runs[0][1]).abs().max() < 1e-9
+    # A padded row's content changes nothing: no other row attends to it.
+    noisy = captions._replace(embeddings=captions.embeddings + 5 * (~mask)[..., None])
+    assert (model(runs[0][0].flatten(1), noisy, order=order)[0] - logits).abs().max() < 1e-9
+
+
+def test_inpaint_takes_a_prompt():
+    from arpg.sample import inpaint
+
+    model = _tiny_arpg_t2i()
+    model.condition.encoder = _tiny_text_encoder()
+    tokens = torch.randint(0, 17, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+    keep = torch.zeros(4, 4, dtype=torch.bool)
+    keep[:, :2] = True
+    out = inpaint(model, tokens, keep, ["a red fox", "two"], steps=4, cfg=2.0,
+                  generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    assert torch.equal(out[:, keep], tokens[:, keep])
+    alone = inpaint(model, tokens[1:], keep, ["two"], steps=4, cfg=2.0, generator=[torch.Generator().manual_seed(1)])
+    assert torch.equal(out[1:], alone)
+    images = generate(model, ["a red fox in snow"], steps=4)
+    assert images.shape == (1, 4, 4)
+    with pytest.raises(ValueError, match="static"):
+        generate(model, ["two"], steps=4, static=True)

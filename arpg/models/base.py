@@ -46,6 +46,7 @@ class TransformerConfig:
     initializer_range: float = 0.02
     model_type: str = "c2i"  # the condition: "c2i" class labels, "t2i" caption embeddings (arpg.condition)
     caption_dim: int = 2048  # t2i: the text encoder's width (flan-t5-xl); cls_token_num caption rows
+    text_encoder: str = "google/flan-t5-xl"  # t2i: what encodes prompts (arpg.text.load_text_encoder)
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes", "multiple_of"):
