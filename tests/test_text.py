@@ -353,3 +353,44 @@ def test_inpaint_takes_a_prompt():
     assert images.shape == (1, 4, 4)
     with pytest.raises(ValueError, match="static"):
         generate(model, ["two"], steps=4, static=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The captioned digits
+
+
+def test_digits_with_captions():
+    from arpg.data import DIGITS_TEXT_ENCODER, DataSettings, build_dataset, digit_prompt, digit_strokes
+    from arpg.text import load_text_encoder
+
+    data = build_dataset(DataSettings(condition="text"))
+    assert data.num_classes is None and isinstance(data.condition, TextCondition) and len(data) == 1797
+    tokens, caption = data[0]
+    assert tokens.shape == (64,) and caption.embeddings.shape == (4, 16) and caption.mask.tolist() == [False] + [True] * 3
+    strokes = digit_strokes(data.tokens, data.labels)
+    assert 0.45 < strokes.count("thin") / len(strokes) < 0.55  # the median splits each class
+    encoder = load_text_encoder(DIGITS_TEXT_ENCODER, 4, 16)
+    embeddings, mask = encoder([digit_prompt(int(data.labels[7]), strokes[7])])  # e.g. "a bold seven"
+    assert torch.equal(data.captions.embeddings[7], embeddings[0]) and torch.equal(data.captions.mask[7], mask[0])
+    with pytest.raises(ValueError, match="unknown"):
+        encoder(["a purple seven"])
+    assert build_dataset(DataSettings()).num_classes == 10  # class ids by default
+
+
+def test_captions_demo_writes_the_picture_and_the_checks(tmp_path):
+    from arpg.checkpoint import save
+    from arpg.data import DIGITS_TEXT_ENCODER
+    from arpg.reports.captions import CaptionsDemoConfig, captions_demo
+
+    torch.manual_seed(0)
+    model = create_model("ARPG-tiny", dim=16, n_layer=2, n_head=2, multiple_of=16, vocab_size=17, block_size=64,
+                         model_type="t2i", caption_dim=16, cls_token_num=4, text_encoder=DIGITS_TEXT_ENCODER)
+    save(model, tmp_path / "model.safetensors")
+    checks = captions_demo(CaptionsDemoConfig(checkpoint=str(tmp_path / "model.safetensors"), out_dir=str(tmp_path),
+                                              sampling=SamplingOptions(steps=2), per_prompt=2, eval_samples=3))
+    assert len(checks["per_prompt"]) == 20 and 0 <= checks["digit_accuracy"] <= 1
+    assert json.loads((tmp_path / "digits_captions.json").read_text())["stroke_agreement"] == checks["stroke_agreement"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "digits_captions.png") as picture:
+        assert picture.size == (2 * (8 * 4 + 2) + 2, 20 * (8 * 4 + 2) + 2)
