@@ -205,7 +205,7 @@ class LlamaGen(GridGenerator):
         steps = self.decode_steps()  # steps[0] = 1: the last condition row predicts slot 0
         return block_causal_mask([1] * self.condition.rows + [*steps[1:], self.config.regions], device=device)
 
-    def attention_mask(self, conditions, length: int, device: torch.device | str | None = None) -> Optional[Tensor]:
+    def attention_mask(self, conditions: Any, length: int, device: torch.device | str | None = None) -> Optional[Tensor]:
         """The mask of the first `length` inputs: (length, length), or (B, 1, length, length) when
         the condition hides some of its rows (padded caption rows: no other row attends to them,
         each still attends to itself, as published); None for plain causal attention."""

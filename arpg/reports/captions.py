@@ -77,6 +77,8 @@ def captions_demo(config: CaptionsDemoConfig) -> dict[str, Any]:
         "per_prompt": per_prompt,
         "samples_per_prompt": config.eval_samples,
         "checkpoint": str(config.checkpoint),
+        "made_by": ["python scripts/train.py experiment=digits_captions",
+                    f"python scripts/captions_demo.py checkpoint={config.checkpoint} out_dir={config.out_dir}"],
         "sampling": asdict(config.sampling),
         "seed": config.seed,
     }
