@@ -4,10 +4,11 @@ A condition type validates what a user passes (`check`), handles batches of it (
 `join`, `take`, `to`), supplies the null condition for classifier-free guidance (`unconditional`)
 and for condition dropout in training (`drop`), embeds it into the prefix rows the model reads
 (`embedding`: a module with the published parameter names; `rows` prefix rows, each with an
-all-zero RoPE row as published; `key_mask`: which of them the other rows may attend to), and says
-how it is stored in token shards (`manifest_entry`, `shard_fields`, `shard_arrays`, `shard_item`;
-`condition_from_manifest` reads it back) and which model config fields describe it (`config_fields`). Models, the
-decode loop, editing, training, the data and FID sampling hold "a condition" and never look
+all-zero RoPE row as published; `key_mask`: which of them the other rows may attend to), says
+which model config fields describe it (`config_fields`, `from_config`), which conditions FID
+images get (`fid_conditions`), and how it is stored in token shards (`manifest_entry`,
+`shard_fields`, `shard_arrays`, `shard_item`; `condition_from_manifest` reads it back). Models,
+the decode loop, editing, training, the data and FID sampling hold "a condition" and never look
 inside it.
 
 Types: `ClassCondition` (class ids, batches are (B,) int64 tensors) and `TextCondition` (caption
@@ -74,13 +75,9 @@ class Condition:
         """One batch of `first`'s samples, then `second`'s."""
         return _map(lambda a, b: torch.cat([a, b]), first, second)
 
-    def take(self, conditions: Any, index: Tensor) -> Any:
-        """The samples at `index` (a (n,) index tensor)."""
+    def take(self, conditions: Any, index: int | Tensor) -> Any:
+        """The samples at `index` (an (n,) index tensor), or the one sample at an int index."""
         return _map(lambda a: a[index], conditions)
-
-    def repeat(self, conditions: Any, times: int) -> Any:
-        """The batch `times` times over (e.g. a guided batch's context)."""
-        return _map(lambda a: a.repeat(times, *(1,) * (a.ndim - 1)), conditions)
 
     def to(self, conditions: Any, device: Device, non_blocking: bool = False) -> Any:
         return _map(lambda a: a.to(device, non_blocking=non_blocking), conditions)
@@ -249,8 +246,8 @@ class TextCondition(Condition):
         embeddings, mask = value[0], value[1]
         B = embeddings.shape[0] if isinstance(embeddings, Tensor) else -1
         want = (B if batch is None else batch, self.rows, self.caption_dim)
-        require(isinstance(embeddings, Tensor) and embeddings.dtype.is_floating_point and tuple(embeddings.shape) == want
-                and B >= 1, f"caption embeddings must be floats of shape (B, {self.rows}, {self.caption_dim}) "
+        require(isinstance(embeddings, Tensor) and embeddings.dtype.is_floating_point
+                and tuple(embeddings.shape) == want and B >= 1, f"caption embeddings must be floats of shape (B, {self.rows}, {self.caption_dim}) "
                             f"(cls_token_num, caption_dim){'' if batch is None else f' with B = {batch}'}, got "
                             f"{getattr(embeddings, 'dtype', type(embeddings).__name__)} "
                             f"{tuple(getattr(embeddings, 'shape', ()))}")

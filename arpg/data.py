@@ -243,8 +243,9 @@ class TokenDataset(Dataset):
         # Opened lazily so that DataLoader workers map the files themselves instead of
         # receiving pickled copies of them.
         if self._arrays is None:
+            fields = self.condition.shard_fields
             self._arrays = [(np.load(self.root / s["tokens"], mmap_mode="r"),
-                             {field: np.load(self.root / s[field], mmap_mode="r") for field in self.condition.shard_fields})
+                             {field: np.load(self.root / s[field], mmap_mode="r") for field in fields})
                             for s in self.shards]
         return self._arrays
 
@@ -385,7 +386,8 @@ class DataSettings:
     def label(self) -> str:
         """A short name for runs on this data: "digits" (or "digits_test"), or data.path's folder name."""
         if self.name == "digits":
-            return "digits" + ("_captions" if self.condition == "text" else "") + (f"_{self.split}" if self.split else "")
+            captions = "_captions" if self.condition == "text" else ""
+            return "digits" + captions + (f"_{self.split}" if self.split else "")
         return Path(self.path).resolve().name
 
     def validate(self) -> None:

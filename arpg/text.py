@@ -65,8 +65,8 @@ class WordTableEncoder:
         for b, prompt in enumerate(prompts):
             words = prompt.lower().split()
             unknown = [w for w in words if w not in self.index]
-            require(not unknown and 1 <= len(words) <= L, f"prompt {prompt!r} must be 1 to {L} words of "
-                                                          f"{self.words}" + (f"; unknown: {unknown}" if unknown else ""))
+            require(not unknown and 1 <= len(words) <= L,
+                    f"prompt {prompt!r} must be 1 to {L} words of {self.words}" + (f"; unknown: {unknown}" if unknown else ""))
             embeddings[b, L - len(words):] = self.table[[self.index[w] for w in words]]
             mask[b, L - len(words):] = True
         return embeddings, mask

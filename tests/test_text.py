@@ -366,7 +366,8 @@ def test_digits_with_captions():
     data = build_dataset(DataSettings(condition="text"))
     assert data.num_classes is None and isinstance(data.condition, TextCondition) and len(data) == 1797
     tokens, caption = data[0]
-    assert tokens.shape == (64,) and caption.embeddings.shape == (4, 16) and caption.mask.tolist() == [False] + [True] * 3
+    assert tokens.shape == (64,) and caption.embeddings.shape == (4, 16)
+    assert caption.mask.tolist() == [False] + [True] * 3  # "a <stroke> <digit>", left-padded to 4 rows
     strokes = digit_strokes(data.tokens, data.labels)
     assert 0.45 < strokes.count("thin") / len(strokes) < 0.55  # the median splits each class
     encoder = load_text_encoder(DIGITS_TEXT_ENCODER, 4, 16)

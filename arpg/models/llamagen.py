@@ -205,7 +205,8 @@ class LlamaGen(GridGenerator):
         steps = self.decode_steps()  # steps[0] = 1: the last condition row predicts slot 0
         return block_causal_mask([1] * self.condition.rows + [*steps[1:], self.config.regions], device=device)
 
-    def attention_mask(self, conditions: Any, length: int, device: torch.device | str | None = None) -> Optional[Tensor]:
+    def attention_mask(self, conditions: Any, length: int,
+                       device: torch.device | str | None = None) -> Optional[Tensor]:
         """The mask of the first `length` inputs: (length, length), or (B, 1, length, length) when
         the condition hides some of its rows (padded caption rows: no other row attends to them,
         each still attends to itself, as published); None for plain causal attention."""
@@ -291,7 +292,8 @@ class LlamaGen(GridGenerator):
         """The config fields a LlamaGen / PAR state dict's shapes determine (dim, n_layer, vocab_size,
         regions, and num_classes, or for a text-to-image model model_type, caption_dim and
         cls_token_num), or None when it is not this family's layout."""
-        classes, captions = state.get("cls_embedding.embedding_table.weight"), state.get("cls_embedding.uncond_embedding")
+        classes = state.get("cls_embedding.embedding_table.weight")
+        captions = state.get("cls_embedding.uncond_embedding")
         if "tok_embeddings.weight" not in state or (classes is None and captions is None):
             return None
         vocab_size, dim = state["tok_embeddings.weight"].shape

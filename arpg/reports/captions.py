@@ -59,7 +59,8 @@ def captions_demo(config: CaptionsDemoConfig) -> dict[str, Any]:
     prompts = [digit_prompt(c, stroke) for c, stroke in digits]
     generator = torch.Generator().manual_seed(config.seed)
 
-    shown = generate(model, [p for p in prompts for _ in range(config.per_prompt)], config.sampling, generator=generator)
+    rows = [p for p in prompts for _ in range(config.per_prompt)]
+    shown = generate(model, rows, config.sampling, generator=generator)
     picture = save_grid(tokenizer.decode(shown.cpu()), out_dir / "digits_captions.png", nrow=config.per_prompt,
                         scale=config.scale)
 
