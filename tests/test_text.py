@@ -395,3 +395,21 @@ def test_captions_demo_writes_the_picture_and_the_checks(tmp_path):
 
     with Image.open(tmp_path / "digits_captions.png") as picture:
         assert picture.size == (2 * (8 * 4 + 2) + 2, 20 * (8 * 4 + 2) + 2)
+
+
+def test_sample_script_takes_prompts(tmp_path):
+    from arpg.checkpoint import save
+    from arpg.data import DIGITS_TEXT_ENCODER
+    from conftest import run_script
+
+    model = create_model("ARPG-tiny", dim=16, n_layer=2, n_head=2, multiple_of=16, vocab_size=17, block_size=64,
+                         model_type="t2i", caption_dim=16, cls_token_num=4, text_encoder=DIGITS_TEXT_ENCODER)
+    save(model, tmp_path / "model.safetensors")
+    common = [f"checkpoint={tmp_path / 'model.safetensors'}", "tokenizer=pixel_digits", "device=cpu",
+              "sampling.steps=2", f"output={tmp_path / 'grid.png'}", "nrow=3", "scale=2"]
+    assert run_script("sample", *common, 'prompts=["a thin seven","a bold two"]', "samples_per_class=3") == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (3 * 18 + 2, 2 * 18 + 2)
+    assert run_script("sample", *common) == 1  # class ids for a text model: one line naming what it takes
