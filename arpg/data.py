@@ -3,9 +3,11 @@
 On-disk format (one folder, written by `ShardWriter`):
 
 * `shard_00000_tokens.npy`: uint16 (n, augmentations, h*w), token grids in raster order,
-* `shard_00000_labels.npy`: int64 (n,), class ids,
+* `shard_00000_labels.npy`: int64 (n,), class ids (the condition's arrays, `Condition.shard_arrays`:
+  for captions `shard_00000_captions.npy` float16 (n, L, C) and `shard_00000_caption_lengths.npy`),
 * `manifest.json`: grid size, codebook size, tokenizer identity (and the tokenizer's weights file,
-  when known, so training can decode its sample grids with it), augmentations, class count,
+  when known, so training can decode its sample grids with it), augmentations, the condition
+  (class count, or a "condition" entry: `Condition.manifest_entry`),
   total count and the list of shards with their counts. It is (re)written after every shard,
   with `"complete": true` only once the whole data set is there.
 
@@ -37,6 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from arpg.condition import Captions, ClassCondition, Condition, TextCondition, condition_from_manifest
 from arpg.errors import require
 from arpg.files import FolderLock, atomic_write, check_free_space, remove_partial_writes
 from arpg.processes import Processes, Step
@@ -53,8 +56,8 @@ _VERSION = 1
 PUBLISHED_VQ16_IDENTITY = "vq16[vq_ds16_c2i.pt]"
 
 
-def _shard_names(index: int) -> tuple[str, str]:
-    return f"shard_{index:05d}_tokens.npy", f"shard_{index:05d}_labels.npy"
+def _shard_name(index: int, field: str) -> str:
+    return f"shard_{index:05d}_{field}.npy"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -88,18 +91,21 @@ class ShardWriter:
     """
 
     def __init__(self, root: str | Path, *, grid_size: tuple[int, int], codebook_size: int,
-                 tokenizer: str, augmentations: int, num_classes: int,
+                 tokenizer: str, augmentations: int, num_classes: Optional[int] = None,
                  class_names: Sequence[str] | None = None, source: dict[str, Any] | None = None,
-                 tokenizer_file: str | Path | None = None):
+                 tokenizer_file: str | Path | None = None, condition: Optional[Condition] = None):
         if not 1 <= codebook_size <= 65536:
             raise ValueError(f"codebook_size must be in [1, 65536] to fit uint16 shards, got {codebook_size}")
-        if augmentations < 1 or num_classes < 1:
-            raise ValueError(f"augmentations and num_classes must be >= 1, got {augmentations}, {num_classes}")
+        if augmentations < 1:
+            raise ValueError(f"augmentations must be >= 1, got {augmentations}")
+        require((num_classes is None) != (condition is None),
+                "ShardWriter takes num_classes (class labels) or a condition, exactly one of them")
+        self.condition = condition if condition is not None else ClassCondition(int(num_classes))
         self.root = Path(root)
         self.header = {
             "format": _FORMAT, "version": _VERSION,
             "grid_size": [int(grid_size[0]), int(grid_size[1])], "codebook_size": int(codebook_size),
-            "tokenizer": tokenizer, "augmentations": int(augmentations), "num_classes": int(num_classes),
+            "tokenizer": tokenizer, "augmentations": int(augmentations), **self.condition.manifest_entry(),
             "class_names": list(class_names) if class_names is not None else None,
             "source": source or {},
         }
@@ -118,7 +124,7 @@ class ShardWriter:
                                  f"this run has {key}={value!r}; use another output folder or delete it")
         # A shard is listed only after both its files were renamed into place, so it is whole.
         self.shards = {s["index"]: s for s in manifest["shards"]
-                       if all((self.root / s[k]).is_file() for k in ("tokens", "labels"))}
+                       if all((self.root / s[k]).is_file() for k in ("tokens", *self.condition.shard_fields))}
 
     def has_shard(self, index: int) -> bool:
         return index in self.shards
@@ -127,14 +133,13 @@ class ShardWriter:
     def count(self) -> int:
         return sum(s["count"] for s in self.shards.values())
 
-    def write_shard(self, index: int, tokens: np.ndarray, labels: np.ndarray,
-                    skipped: Sequence[str] = ()) -> None:
+    def write_shard(self, index: int, tokens: np.ndarray, conditions: Any, skipped: Sequence[str] = ()) -> None:
         """Write shard `index` and list it in the manifest (`save_shard`, then `add_shard`)."""
-        self.add_shard(self.save_shard(index, tokens, labels, skipped))
+        self.add_shard(self.save_shard(index, tokens, conditions, skipped))
 
-    def save_shard(self, index: int, tokens: np.ndarray, labels: np.ndarray,
-                   skipped: Sequence[str] = ()) -> dict:
-        """Write shard `index`'s files: tokens (n, augmentations, h*w) ints, labels (n,) ints;
+    def save_shard(self, index: int, tokens: np.ndarray, conditions: Any, skipped: Sequence[str] = ()) -> dict:
+        """Write shard `index`'s files: tokens (n, augmentations, h*w) ints and their n conditions
+        (class ids (n,), or `Captions`), stored as the condition says (`Condition.shard_arrays`);
         return its manifest entry, for `add_shard`.
 
         `skipped` lists inputs of this shard that could not be read; they are recorded so the
@@ -145,19 +150,21 @@ class ShardWriter:
         expected = (self.header["augmentations"], h * w)
         if tokens.ndim != 3 or tokens.shape[1:] != expected:
             raise ValueError(f"tokens must have shape (n, {expected[0]}, {expected[1]}), got {tokens.shape}")
-        if labels.shape != (tokens.shape[0],):
-            raise ValueError(f"labels must have shape ({tokens.shape[0]},), got {labels.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.header["codebook_size"]):
             raise ValueError(f"token ids must be in [0, {self.header['codebook_size'] - 1}], "
                              f"got [{tokens.min()}, {tokens.max()}]")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.header["num_classes"]):
-            raise ValueError(f"labels must be in [0, {self.header['num_classes'] - 1}], "
-                             f"got [{labels.min()}, {labels.max()}]")
-        tokens_name, labels_name = _shard_names(index)
-        _save_npy(self.root / tokens_name, tokens.astype(np.uint16))
-        _save_npy(self.root / labels_name, labels.astype(np.int64))
-        return {"index": index, "tokens": tokens_name, "labels": labels_name, "count": int(tokens.shape[0]),
-                "skipped": list(skipped)}
+        if isinstance(conditions, np.ndarray):
+            conditions = torch.from_numpy(conditions)
+        if tokens.shape[0]:
+            conditions = self.condition.check(conditions, batch=tokens.shape[0], device="cpu")
+        arrays = self.condition.shard_arrays(conditions)
+        require(all(array.shape[0] == tokens.shape[0] for array in arrays.values()),
+                f"conditions must hold {tokens.shape[0]} samples (one per token row)")
+        names = {field: _shard_name(index, field) for field in ("tokens", *arrays)}
+        _save_npy(self.root / names["tokens"], tokens.astype(np.uint16))
+        for field, array in arrays.items():
+            _save_npy(self.root / names[field], array)
+        return {"index": index, **names, "count": int(tokens.shape[0]), "skipped": list(skipped)}
 
     def add_shard(self, entry: dict) -> None:
         """List a shard that `save_shard` wrote (its entry) in the manifest."""
@@ -182,7 +189,8 @@ class ShardWriter:
 
 
 class TokenDataset(Dataset):
-    """Pre-tokenised images from a shard folder: item i -> (tokens LongTensor (h*w,), label int).
+    """Pre-tokenised images from a shard folder: item i -> (tokens LongTensor (h*w,), its condition:
+    a class id int, or `Captions` of one sample; `condition` says which).
 
     Each sample stores several augmentations (crops / flips); one is picked per sample per epoch,
     deterministically from (seed, epoch). Call `set_epoch(epoch)` before building each epoch's
@@ -197,13 +205,14 @@ class TokenDataset(Dataset):
             raise ValueError(f"{self.root} is incomplete ({self.manifest['count']} samples so far): the "
                              f"extraction was interrupted; rerun it with the same output folder to finish")
         self.shards = self.manifest["shards"]
+        self.condition = condition_from_manifest(self.manifest)
         for shard in self.shards:
-            for key in ("tokens", "labels"):
+            for key in ("tokens", *self.condition.shard_fields):
                 if not (self.root / shard[key]).is_file():
                     raise FileNotFoundError(f"{self.root / shard[key]} listed in the manifest is missing")
         self._ends = np.cumsum([s["count"] for s in self.shards])  # exclusive end index of each shard
         self.seed = seed
-        self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._arrays: list[tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
         self.set_epoch(0)
 
     @property
@@ -215,8 +224,9 @@ class TokenDataset(Dataset):
         return self.manifest["codebook_size"]
 
     @property
-    def num_classes(self) -> int:
-        return self.manifest["num_classes"]
+    def num_classes(self) -> Optional[int]:
+        """The class count of class-labelled data (None for other conditions)."""
+        return self.manifest.get("num_classes")
 
     @property
     def augmentations(self) -> int:
@@ -244,40 +254,48 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return self.manifest["count"]
 
-    def _open(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _open(self) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         # Opened lazily so that DataLoader workers map the files themselves instead of
         # receiving pickled copies of them.
         if self._arrays is None:
+            fields = self.condition.shard_fields
             self._arrays = [(np.load(self.root / s["tokens"], mmap_mode="r"),
-                             np.load(self.root / s["labels"], mmap_mode="r")) for s in self.shards]
+                             {field: np.load(self.root / s[field], mmap_mode="r") for field in fields})
+                            for s in self.shards]
         return self._arrays
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": None}
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index must be in [0, {len(self) - 1}], got {index}")
         shard = int(np.searchsorted(self._ends, index, side="right"))
         offset = index - (int(self._ends[shard - 1]) if shard else 0)
-        tokens, labels = self._open()[shard]
+        tokens, conditions = self._open()[shard]
         row = tokens[offset, self._choice[index]].astype(np.int64)
-        return torch.from_numpy(row), int(labels[offset])
+        return torch.from_numpy(row), self.condition.shard_item(conditions, offset)
 
 
 class InMemoryTokenDataset(Dataset):
-    """Token sequences held in memory, with the same interface as `TokenDataset`."""
+    """Token sequences held in memory, with the same interface as `TokenDataset`. Items are
+    (tokens, class id); with `captions` (a `Captions` batch of `condition`), (tokens, caption) and
+    `num_classes` is None (the labels stay for checks of what a model draws)."""
 
     def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, grid_size: tuple[int, int],
-                 codebook_size: int, num_classes: int, tokenizer: str = "unknown"):
+                 codebook_size: int, num_classes: int, tokenizer: str = "unknown",
+                 captions: Optional[Captions] = None, condition: Optional[TextCondition] = None):
         if tokens.shape != (labels.shape[0], grid_size[0] * grid_size[1]):
             raise ValueError(f"tokens must have shape ({labels.shape[0]}, {grid_size[0] * grid_size[1]}), "
                              f"got {tuple(tokens.shape)}")
+        require((captions is None) == (condition is None), "captions and their condition come together")
         self.tokens = tokens.long()
         self.labels = labels.long()
         self.grid_size = tuple(grid_size)
         self.codebook_size = codebook_size
-        self.num_classes = num_classes
+        self.captions = None if captions is None else condition.check(captions, batch=labels.shape[0])
+        self.num_classes = num_classes if captions is None else None
+        self.condition = condition or ClassCondition(num_classes)
         self.tokenizer = tokenizer  # the identity of the tokenizer that made the tokens
         self.tokenizer_file = None
 
@@ -292,20 +310,52 @@ class InMemoryTokenDataset(Dataset):
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        if self.captions is not None:
+            return self.tokens[index], self.condition.take(self.captions, index)
         return self.tokens[index], int(self.labels[index])
 
 
 DIGITS_SPLITS = (None, "train", "test")
+# Digits with captions ("a thin seven", "a bold two"): the digit's name, and its stroke, "thin"
+# when the image has less ink than its class's median, else "bold"; encoded by a fixed word table.
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_STROKES = ("thin", "bold")
+DIGITS_TEXT_ENCODER = "words:" + ",".join(("a", *DIGIT_STROKES, *DIGIT_NAMES))
+DIGITS_CAPTION_DIM, DIGITS_CAPTION_TOKENS = 16, 4
 
 
-def digits_dataset(split: str | None = None) -> InMemoryTokenDataset:
+def digit_prompt(label: int, stroke: str) -> str:
+    """The caption of a digit: "a thin seven", "a bold two"."""
+    require(stroke in DIGIT_STROKES, f"stroke must be one of {DIGIT_STROKES}, got {stroke!r}")
+    return f"a {stroke} {DIGIT_NAMES[label]}"
+
+
+def digit_strokes(tokens: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    """"thin" or "bold" for each digit (N, 64): its ink below or at least the median of the real
+    digits of its class (sklearn's full set)."""
+    medians = digits_ink_medians()
+    ink = tokens.flatten(1).sum(1).double()
+    return [DIGIT_STROKES[int(i >= medians[c])] for i, c in zip(ink.tolist(), labels.tolist())]
+
+
+def digits_ink_medians() -> list[float]:
+    """The median ink (sum of grey levels) of the real digits of each class."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    ink = digits.images.reshape(-1, 64).sum(1)
+    return [float(np.median(ink[digits.target == c])) for c in range(len(DIGIT_NAMES))]
+
+
+def digits_dataset(split: str | None = None, captions: bool = False) -> InMemoryTokenDataset:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as tokens; nothing is downloaded.
 
     Each pixel is one token: its grey level 0..16 exactly as sklearn stores it (the
     `PixelTokenizer.digits()` encoding), in raster order, so items are (64,) LongTensors.
     `split`: None for all images, "train" or "test" for a fixed 80/20 split (every fifth image is
-    a test image, which keeps the classes balanced).
+    a test image, which keeps the classes balanced). `captions`: condition on captions ("a thin
+    seven", see `digit_prompt`) instead of class ids.
     """
     if split not in DIGITS_SPLITS:
         raise ValueError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
@@ -318,15 +368,22 @@ def digits_dataset(split: str | None = None) -> InMemoryTokenDataset:
         is_test = torch.arange(len(labels)) % 5 == 4
         keep = is_test if split == "test" else ~is_test
         tokens, labels = tokens[keep], labels[keep]
-    return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10, tokenizer="pixel17")
+    text = {}
+    if captions:
+        condition = TextCondition(DIGITS_CAPTION_DIM, DIGITS_CAPTION_TOKENS, DIGITS_TEXT_ENCODER)
+        prompts = [digit_prompt(c, stroke) for c, stroke in zip(labels.tolist(), digit_strokes(tokens, labels))]
+        text = dict(captions=condition.check(prompts), condition=condition)
+    return InMemoryTokenDataset(tokens, labels, grid_size=(8, 8), codebook_size=17, num_classes=10, tokenizer="pixel17",
+                                **text)
 
 
 def _identity(dataset: TokenDataset | InMemoryTokenDataset) -> dict[str, Any]:
     return {"count": len(dataset), "grid_size": list(dataset.grid_size), "codebook_size": dataset.codebook_size,
-            "num_classes": dataset.num_classes, "tokenizer": dataset.tokenizer}
+            **dataset.condition.manifest_entry(), "tokenizer": dataset.tokenizer}
 
 
 DATA_CHOICES = ("digits", "codes")
+CONDITION_CHOICES = ("class", "text")
 
 
 @dataclass
@@ -336,6 +393,7 @@ class DataSettings:
 
     name: str = "digits"
     path: Optional[str] = None
+    condition: str = "class"  # "class" ids | "text" captions (digits: "a thin seven"; codes: the shards')
     split: Optional[str] = None  # digits only: None (all 1797), "train" or "test"
     num_workers: Optional[int] = 0  # loader processes; None: one per core but one (at most 8)
 
@@ -343,12 +401,15 @@ class DataSettings:
     def label(self) -> str:
         """A short name for runs on this data: "digits" (or "digits_test"), or data.path's folder name."""
         if self.name == "digits":
-            return "digits" + (f"_{self.split}" if self.split else "")
+            captions = "_captions" if self.condition == "text" else ""
+            return "digits" + captions + (f"_{self.split}" if self.split else "")
         return Path(self.path).resolve().name
 
     def validate(self) -> None:
         """Raise `SettingError` naming the first bad key (prefixed `data.`)."""
         require(self.name in DATA_CHOICES, f"data.name must be one of {DATA_CHOICES}, got {self.name!r}")
+        require(self.condition in CONDITION_CHOICES,
+                f"data.condition must be one of {CONDITION_CHOICES}, got {self.condition!r}")
         if self.name == "codes":
             require(bool(self.path), "data.path must be set for data.name=codes (a folder made by "
                                      "scripts/extract_codes.py)")
@@ -362,11 +423,15 @@ class DataSettings:
 
 
 def build_dataset(data: DataSettings, seed: int = 0) -> TokenDataset | InMemoryTokenDataset:
-    """The token data set a `DataSettings` names (items: ((T,) LongTensor, int label))."""
+    """The token data set a `DataSettings` names (items: ((T,) LongTensor, a condition of its `condition`))."""
     data.validate()
     if data.name == "digits":
-        return digits_dataset(data.split)
-    return TokenDataset(data.path, seed=seed)
+        return digits_dataset(data.split, captions=data.condition == "text")
+    dataset = TokenDataset(data.path, seed=seed)
+    stored = "class" if isinstance(dataset.condition, ClassCondition) else "text"
+    require(stored == data.condition, f"data.condition={data.condition!r}, but the shards in {data.path} hold "
+                                      f"{stored} conditions; set data.condition={stored}")
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------

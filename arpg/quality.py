@@ -19,7 +19,8 @@ stands in for Inception:
     1,000 samples per setting in the benchmark). Real images the judge was trained on would not
     do: their features sit measurably closer to the reference than unseen images' do.
 * `sample_digits` / `digits_class_accuracy`: class-balanced samples of a digits model, and how
-  often the judge reads them as their class. The training run's final check and the quality
+  often the judge reads them as their class. A model of the captioned digits is asked with
+  prompts, "a thin <digit>" and "a bold <digit>" in turn (`digit_prompt`). The training run's final check and the quality
   benchmark (`arpg.reports.quality`) use the same judge, so both report one number for one thing.
 """
 
@@ -31,7 +32,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from arpg.data import digits_dataset
+from arpg.data import DIGIT_STROKES, DIGITS_TEXT_ENCODER, digit_prompt, digits_dataset
 from arpg.errors import require
 from arpg.eval import feature_statistics, frechet_distance
 from arpg.sample import SamplingOptions, generate
@@ -119,11 +120,21 @@ def digits_judge(seed: int = 0) -> DigitsJudge:
 
 
 def check_digits_model(model: torch.nn.Module) -> None:
-    """Raise unless `model` draws 8x8 digits (64 tokens of 17 grey levels, 10 classes)."""
+    """Raise unless `model` draws 8x8 digits (64 tokens of 17 grey levels, 10 classes or the digits' captions)."""
     c = model.config
-    require((c.block_size, c.vocab_size, c.num_classes) == (DIGITS_SIDE ** 2, DIGITS_LEVELS, DIGITS_CLASSES),
-            f"model must be a digits model (block_size 64, vocab_size 17, num_classes 10), "
-            f"got block_size {c.block_size}, vocab_size {c.vocab_size}, num_classes {c.num_classes}")
+    conditioned = c.num_classes == DIGITS_CLASSES if c.model_type == "c2i" else c.text_encoder == DIGITS_TEXT_ENCODER
+    require((c.block_size, c.vocab_size) == (DIGITS_SIDE ** 2, DIGITS_LEVELS) and conditioned,
+            f"model must be a digits model (block_size 64, vocab_size 17, num_classes 10 or the digits' captions), "
+            f"got block_size {c.block_size}, vocab_size {c.vocab_size}, num_classes {c.num_classes}, "
+            f"model_type {c.model_type}")
+
+
+def digit_conditions(model: torch.nn.Module, labels: torch.Tensor) -> Any:
+    """What asks `model` for digits `labels` (N,): the labels, or for a captioned-digits model the
+    prompts, "a thin" and "a bold" alternating every 10 samples (so each class gets both)."""
+    if model.config.model_type == "c2i":
+        return labels
+    return [digit_prompt(int(c), DIGIT_STROKES[(i // DIGITS_CLASSES) % 2]) for i, c in enumerate(labels.tolist())]
 
 
 @torch.no_grad()
@@ -131,7 +142,7 @@ def sample_digits(model: torch.nn.Module, num_samples: int, seed: int = 0, batch
                   options: Optional[SamplingOptions] = None, **overrides: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-balanced samples of a digits model: tokens (N, 8, 8) and labels (N,), on the CPU.
 
-    Sample i has class i % 10. One generator seeded with `seed` drives the batches in turn, so
+    Sample i has class i % 10 (`digit_conditions`). One generator seeded with `seed` drives the batches in turn, so
     the result depends on (seed, batch_size). `options` and `overrides` go to
     `arpg.sample.generate` (steps, schedule, cfg, order, ...).
     """
@@ -140,8 +151,9 @@ def sample_digits(model: torch.nn.Module, num_samples: int, seed: int = 0, batch
     require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
     labels = torch.arange(num_samples) % DIGITS_CLASSES
     generator = torch.Generator().manual_seed(seed)
-    tokens = [generate(model, batch, options, generator=generator, **overrides).cpu()
-              for batch in labels.split(batch_size)]
+    conditions = digit_conditions(model, labels)
+    tokens = [generate(model, conditions[start:start + batch_size], options, generator=generator, **overrides).cpu()
+              for start in range(0, num_samples, batch_size)]
     return torch.cat(tokens), labels
 
 

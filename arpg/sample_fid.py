@@ -146,6 +146,7 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
         check_tokenizer(model, tokenizer)
         options = resolve_options(model.sampling, config.sampling, {})
         check_sampling(model, options)
+        model.condition.fid_conditions([0])  # the model's conditions can be assigned to images (class labels)
         if rank == 0:
             remove_partial_writes(output_dir, "*.png")
             remove_partial_writes(npz.parent, npz.name)
@@ -178,15 +179,14 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
 def _generate_batches(model, tokenizer, batches: list[list[int]], config: SampleFIDConfig,
                       options: SamplingOptions, device: torch.device, rank: int, world: int) -> None:
     """Sample and write this rank's batches; PNG encoding of one batch overlaps the next decode."""
-    num_classes = model.config.num_classes
     progress = tqdm(total=sum(map(len, batches)), unit="img", disable=rank != 0,
                     desc=f"sampling (rank 0 of {world})" if world > 1 else "sampling")
     with ThreadPoolExecutor(max_workers=config.write_threads) as pool:
         writing: list[Future] = []
         for indices in batches:
-            labels = torch.tensor([i % num_classes for i in indices], device=device)
+            conditions = model.condition.fid_conditions(indices, device)
             generators = [torch.Generator().manual_seed(image_seed(config.seed, i)) for i in indices]
-            images = generate(model, labels, options, generator=generators,
+            images = generate(model, conditions, options, generator=generators,
                               tokenizer=tokenizer)  # (B, C, H, W) in [-1, 1]
             if config.image_size_eval is not None:
                 size = (config.image_size_eval, config.image_size_eval)

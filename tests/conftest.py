@@ -3,6 +3,7 @@ suite is self-contained; a missing file is a failure, never a skip."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
@@ -38,6 +39,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def no_host_sync(monkeypatch):
+    """`with no_host_sync("the decode loop"): ...` raises AssertionError where the code inside reads
+    a tensor's value back to the host (a device sync on a GPU: `.item()`, `.tolist()`, `bool(t)`, ...)."""
+    @contextlib.contextmanager
+    def forbid(what: str):
+        def no_sync(*args, **kwargs):
+            raise AssertionError(f"{what} read a value back from the device")
+
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
+                patch.setattr(torch.Tensor, name, no_sync)
+            yield
+
+    return forbid
 
 
 @pytest.fixture(params=["avx2", "avx512_bf16"])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from arpg.cli import compose_config
 from arpg.sample import SamplingOptions
@@ -66,6 +67,33 @@ def test_every_module_imports_alone():
               "        del sys.modules[loaded]\n"
               "    importlib.import_module(name)\n")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=300)
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A module the package, its scripts or tools import (lazy imports included) is installed by
+    `pip install arpg` or one of its extras (`[text]`, `[eval]`, ...)."""
+    import importlib.metadata
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    normalise = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731 (PEP 503 names)
+    declared = {normalise(re.match(r"[A-Za-z0-9_.-]+", r).group()) for r in requirements}
+    distributions = importlib.metadata.packages_distributions()  # module -> the installed distributions
+    imported = set()
+    for path in [*(REPO / "arpg").rglob("*.py"), *(REPO / "scripts").rglob("*.py"), *(REPO / "tools").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = sorted(m for m in imported if m not in sys.stdlib_module_names and m != "arpg")
+    assert {"torch", "timm", "transformers"} <= set(third_party)  # the scan sees lazy imports
+    undeclared = [m for m in third_party
+                  if not {normalise(d) for d in distributions.get(m, [m])} & declared]
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
 
 
 def _script_configs() -> dict[str, object]:

@@ -161,19 +161,14 @@ def test_cached_logits_equal_full_recomputation(model, causal, num_context, cpu_
 
 
 @pytest.mark.parametrize("runtime", [{}, {"static": True}, {"amp": True}], ids=["dynamic", "static", "bf16"])
-def test_cache_allocated_once_and_loop_never_syncs(model, monkeypatch, runtime):
+def test_cache_allocated_once_and_loop_never_syncs(model, monkeypatch, no_host_sync, runtime):
     caches = []
     new_cache = model.new_cache
     monkeypatch.setattr(model, "new_cache", lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1])
     plan = make_plan("random", 2, GRID, GRID, 8, "linear", torch.Generator().manual_seed(0))
     sampler = TokenSampler(torch.rand(2, T), top_k=5, top_p=0.8)
 
-    def no_sync(*args, **kwargs):
-        raise AssertionError("the decode loop read a value back from the device")
-
-    with monkeypatch.context() as patch:
-        for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
-            patch.setattr(torch.Tensor, name, no_sync)
+    with no_host_sync("the decode loop"):
         decode_grid(model, torch.tensor([0, 2]), plan, sampler, SamplingOptions(cfg=3.0, cfg_schedule="linear", **runtime))
     assert len(caches) == 1
     padding = query_bucket(max(plan.tokens_per_step)) if runtime.get("static") else 0  # room for padded writes
@@ -492,10 +487,10 @@ def test_generate_with_tokenizer_and_save_grid(model, tmp_path):
     (dict(steps=0), "steps"), (dict(steps=T + 1), "steps"), (dict(schedule="cubic"), "schedule"),
     (dict(order="spiral"), "order"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(temperature=-0.5), "temperature"), (dict(cfg_schedule="cosine"), "cfg_schedule"),
-    (dict(cfg=-1.0), "cfg"), (dict(labels=[0, 4]), "labels"), (dict(generator=[torch.Generator()]), "generator"),
+    (dict(cfg=-1.0), "cfg"), (dict(conditions=[0, 4]), "labels"), (dict(generator=[torch.Generator()]), "generator"),
 ])
 def test_bad_generate_arguments_name_the_parameter(model, kwargs, name):
-    kwargs = {"labels": [0, 1], "steps": 4, **kwargs}
+    kwargs = {"conditions": [0, 1], "steps": 4, **kwargs}
     with pytest.raises(ValueError, match=name):
         sample.generate(model, **kwargs)
 

@@ -5,6 +5,8 @@ One file, read top to bottom:
 * `ARPGConfig`: the hyper-parameters, named as in the published ModelArgs so configs map 1:1.
 * `SelfDecoder` blocks (first half): causal self-attention over the content sequence
   `[class, t_order[0], t_order[1], ...]`, each token rotated by the 2-D RoPE of its own position.
+  With captions (`model_type` "t2i") the caption rows take the class token's place, with zero
+  RoPE as in LlamaGen's t2i, and no other row attends to a padded caption row.
 * One shared K/V projected from the normalised self-decoder output (`shared_kv`).
 * `CrossDecoder` blocks (second half): content-free `target_queries` (the mask embedding, rotated
   by the position it must predict) attend causally to the shared K/V, so query k sees the class
@@ -22,14 +24,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from arpg.condition import ClassCondition
 from arpg.errors import SettingError, require
 from arpg.models.base import GridGenerator, TransformerConfig
 from arpg.orders import DecodeRules, random_order
@@ -60,7 +61,8 @@ class ARPGConfig(TransformerConfig):
         require(self.cls_rope in CLS_ROPE_CHOICES, f"cls_rope must be one of {CLS_ROPE_CHOICES}, got {self.cls_rope!r}")
 
     # Embedding-table layout (published): [0, V) image tokens, V mask token (query input),
-    # V + 1 + c class c, V + C + 1 null class (unconditional), V + C + 2 unused.
+    # V + 1 + c class c, V + C + 1 null class (unconditional), V + C + 2 unused. With captions
+    # (t2i) only the image tokens and the mask token; the caption rows are `cls_embedding`'s.
     @property
     def mask_token_id(self) -> int:
         return self.vocab_size
@@ -75,7 +77,7 @@ class ARPGConfig(TransformerConfig):
 
     @property
     def embedding_rows(self) -> int:
-        return self.vocab_size + self.num_classes + 3
+        return self.vocab_size + (self.num_classes + 3 if self.model_type == "c2i" else 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +239,9 @@ class KVCache:
     `DecodeWeights` the steps multiply by (in the cache's dtype).
 
     Holds per self-decoder layer K/V and the one shared K/V, each (B, H, max_len, D) where
-    max_len = class token + all image tokens; `length` is how many content positions are filled.
+    max_len = condition rows + all image tokens; `length` is how many content positions are
+    filled. `key_mask` (B, max_len) bool, when set, hides the positions other rows may not attend
+    to (padded caption rows).
     """
 
     def __init__(self, config: ARPGConfig, batch: int, max_len: int, dtype: torch.dtype,
@@ -250,6 +254,7 @@ class KVCache:
         self.weights = weights
         self.max_len = max_len
         self.length = 0
+        self.key_mask: Optional[Tensor] = None
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the decode steps read or write in place (for `torch._dynamo.mark_static_address`)."""
@@ -277,6 +282,8 @@ class ARPG(GridGenerator):
     def __init__(self, config: ARPGConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.embedding_rows, config.dim)
+        if config.model_type != "c2i":  # the class token is a row of `embeddings` (published)
+            self.cls_embedding = self.condition.embedding(config.dim)
         self.embed_drop = nn.Dropout(config.token_dropout_p)
         self.layers = GuidedDecoder(config)
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
@@ -296,27 +303,54 @@ class ARPG(GridGenerator):
         return raster_rope(positions, width, self.config.head_dim, self.config.rope_base)
 
     def class_rope(self, batch: int = 1, device: torch.device | str | None = None) -> Tensor:
-        """RoPE (batch, 1, D/2, 2) of the class token: all zeros (published) or identity."""
-        rope = torch.zeros(batch, 1, self.config.head_dim // 2, 2, device=device)
+        """RoPE (batch, P, D/2, 2) of the P condition rows (the class token, or the caption rows):
+        all zeros (published) or identity."""
+        rope = torch.zeros(batch, self.condition.rows, self.config.head_dim // 2, 2, device=device)
         if self.config.cls_rope == "identity":
             rope[..., 0] = 1.0
         return rope
 
     def class_ids(self, labels: Tensor) -> Tensor:
         """Embedding ids (B,) of class labels; the null label (`ClassCondition.NULL`) is the unconditional class."""
-        return torch.where(labels == ClassCondition.NULL, self.config.null_class_id,
-                           labels + self.config.class_token_offset)
+        return self.condition.table_rows(labels, self.config.class_token_offset, self.config.null_class_id)
+
+    def condition_inputs(self, conditions: Any) -> Tensor:
+        """The content inputs of a batch of conditions: class-token ids (B, 1) (rows of the shared
+        table, published), or the embedded caption rows (B, P, dim)."""
+        if self.config.model_type == "c2i":
+            return self.class_ids(conditions)[:, None]
+        return self.cls_embedding(conditions)
+
+    def embed(self, inputs: Tensor) -> Tensor:
+        """Content inputs (B, n) ids, or (B, n, dim) already embedded (caption rows) -> (B, n, dim)."""
+        return inputs if inputs.is_floating_point() else self.embeddings(inputs)
+
+    def condition_masks(self, conditions: Any, targets: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The training masks when the condition hides some of its P rows (padded captions):
+        content (B, 1, L, L) causal over the L = P + targets - 1 inputs, and targets (B, 1,
+        targets, L), target k seeing inputs 0 .. P - 1 + k; no row sees a hidden condition row but
+        the row itself. (None, None) otherwise: plain causal attention."""
+        keys = self.condition.key_mask(conditions)  # (B, P) or None
+        if keys is None:
+            return None, None
+        P = keys.shape[1]
+        L = P + targets - 1
+        visible = F.pad(keys, (0, targets - 1), value=True)[:, None, :]  # (B, 1, L)
+        causal = torch.ones(L, L, dtype=torch.bool, device=keys.device).tril()
+        content = causal & (visible | torch.eye(L, dtype=torch.bool, device=keys.device))
+        return content[:, None], (causal[P - 1:] & visible)[:, None]
 
     # -- training forward -----------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, labels: Tensor, order: Optional[Tensor] = None,
+    def forward(self, tokens: Tensor, labels: Any, order: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None, check: bool = True, drop_labels: bool = True,
                 return_logits: bool = True) -> tuple[Optional[Tensor], Tensor]:
         """Teacher-forced pass over a random (or given) order.
 
         Args:
             tokens: (B, T) image tokens in raster order, values in [0, vocab_size).
-            labels: (B,) class ids in [0, num_classes).
+            labels: (B,) class ids in [0, num_classes), or for a text model (model_type "t2i") a
+                batch of B captions (`arpg.condition.Captions`).
             order: (B, T) per-sample permutations of raster positions, `order[b, k]` being the
                 position predicted k-th; a fresh random permutation per sample when None.
             generator: RNG for the random order and class dropout (training only).
@@ -342,12 +376,17 @@ class ARPG(GridGenerator):
             labels = self.condition.drop(labels, self.config.class_dropout_prob, generator)
 
         tokens_in_order = tokens.gather(1, order)  # (B, T)
-        content_ids = torch.cat([self.class_ids(labels)[:, None], tokens_in_order[:, :-1]], dim=1)  # (B, T)
+        prefix = self.condition_inputs(labels)  # (B, P) class-token ids or (B, P, dim) caption rows
+        fed = tokens_in_order[:, :-1]
+        content = torch.cat([prefix, self.embeddings(fed) if prefix.is_floating_point() else fed], dim=1)
         order_rope = self.position_rope(order)  # (B, T, D/2, 2)
-        content_rope = torch.cat([self.class_rope(B, device), order_rope[:, :-1]], dim=1)
+        content_rope = torch.cat([self.class_rope(B, device), order_rope[:, :-1]], dim=1)  # (B, P + T - 1, D/2, 2)
 
-        shared_k, shared_v = self.content_kv(content_ids, content_rope, is_causal=True)
-        logits_in_order = self.target_logits(shared_k, shared_v, order_rope, is_causal=True)
+        content_mask, target_mask = self.condition_masks(labels, T)
+        shared_k, shared_v = self.content_kv(content, content_rope, is_causal=content_mask is None,
+                                             attn_mask=content_mask)
+        logits_in_order = self.target_logits(shared_k, shared_v, order_rope, is_causal=target_mask is None,
+                                             attn_mask=target_mask)
 
         loss = F.cross_entropy(logits_in_order.flatten(0, 1), tokens_in_order.flatten())
         if not return_logits:
@@ -356,11 +395,12 @@ class ARPG(GridGenerator):
             1, order[..., None].expand_as(logits_in_order), logits_in_order)
         return logits, loss
 
-    def content_kv(self, content_ids: Tensor, content_rope: Tensor | Rotation, is_causal: bool = True,
+    def content_kv(self, content: Tensor, content_rope: Tensor | Rotation, is_causal: bool = True,
                    attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """The self half over a whole content sequence (B, L) -> the shared K/V, (B, H, L, D) each."""
+        """The self half over a whole content sequence (B, L) of ids or (B, L, dim) of embedded
+        inputs -> the shared K/V, (B, H, L, D) each."""
         rope = _as_rotation(content_rope)
-        content = self.embed_drop(self.embeddings(content_ids))
+        content = self.embed_drop(self.embed(content))
         for block in self.layers.self_dec:
             content = block(content, rope, is_causal=is_causal, attn_mask=attn_mask)
         return self.layers.shared_kv(content, rope)
@@ -422,12 +462,14 @@ class ARPG(GridGenerator):
 
     def extend(self, ids: Tensor, rope: Tensor | Rotation, cache: KVCache, causal: bool = False, *,
                positions: Optional[Tensor] = None, visible: Optional[Tensor] = None) -> None:
-        """Feed content ids (B, n) with their RoPE (B|1, n, D/2, 2) (or its `Rotation`) through the
-        self-decoder half, writing their per-layer K/V and shared K/V into `cache` in place.
+        """Feed content ids (B, n) (or embedded inputs (B, n, dim), caption rows) with their RoPE
+        (B|1, n, D/2, 2) (or its `Rotation`) through the self-decoder half, writing their
+        per-layer K/V and shared K/V into `cache` in place.
 
-        The new tokens see everything already cached; among themselves they attend block-wise
-        (both directions, as the published sampler and the paper's few-step results) unless
-        `causal` keeps the training-time causal mask.
+        The new tokens see everything already cached (but positions `cache.key_mask` hides, except
+        their own); among themselves they attend block-wise (both directions, as the published
+        sampler and the paper's few-step results) unless `causal` keeps the training-time causal
+        mask.
 
         Static shapes (`positions` (n,) and `visible` (n|1, S) given, device tensors): the tokens
         are written at `positions` and attend to the whole cache where `visible`; `cache.length`
@@ -442,11 +484,15 @@ class ARPG(GridGenerator):
             if causal and n > 1:
                 # new token i sees cache[:start] and new tokens 0..i
                 visible = torch.ones(n, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+            if cache.key_mask is not None:  # (B, 1, n, end): hidden positions, but each token sees itself
+                own = torch.arange(end, device=ids.device) == torch.arange(start, end, device=ids.device)[:, None]
+                keys = cache.key_mask[:, None, None, :end] | own
+                visible = keys if visible is None else keys & visible
             cache.length = end
         else:
             where = positions
         weights = cache.weights
-        x = self.embeddings(ids)
+        x = self.embed(ids)
         for i, (block, block_weights) in enumerate(zip(self.layers.self_dec, weights.self_blocks)):
             x = block(x, rope, is_causal=False, attn_mask=visible, cache=(cache.self_k[i], cache.self_v[i], where),
                       weights=block_weights)
@@ -460,11 +506,13 @@ class ARPG(GridGenerator):
         not depend on how many run in parallel."""
         if visible is None:
             k, v = cache.shared_k[:, :, :cache.length], cache.shared_v[:, :, :cache.length]
+            if cache.key_mask is not None:
+                visible = cache.key_mask[:, None, None, :cache.length]
         else:
             k, v = cache.shared_k, cache.shared_v
         return self.target_logits(k, v, target_rope, is_causal=False, attn_mask=visible, weights=cache.weights)
 
-    def decoder(self, conditions: Tensor, order: Tensor, tokens_per_step: Sequence[int],
+    def decoder(self, conditions: Any, order: Tensor, tokens_per_step: Sequence[int],
                 grid: tuple[int, int], **runtime) -> ARPGDecoder:
         """The step engine of one decode of whole grids along `order` (rows, T) (see `ARPGDecoder`)."""
         return ARPGDecoder(self, conditions, self.position_rope(order, grid_width=grid[1]), tokens_per_step,
@@ -472,14 +520,20 @@ class ARPG(GridGenerator):
 
     @staticmethod
     def fields_from_state_dict(state: Mapping[str, Tensor]) -> Optional[dict]:
-        """The config fields an ARPG state dict's shapes determine (dim, n_layer, vocab_size,
-        num_classes), or None when it is not this family's layout."""
+        """The config fields an ARPG state dict's shapes determine (dim, n_layer, vocab_size, and
+        num_classes, or for captions model_type, caption_dim and cls_token_num), or None when it
+        is not this family's layout."""
         if "embeddings.weight" not in state or "head.weight" not in state:
             return None
         rows, dim = state["embeddings.weight"].shape
         vocab_size = state["head.weight"].shape[0]
         n_layer = 2 * sum(1 for k in state if k.startswith("layers.self_dec.") and k.endswith(".attn_norm.weight"))
-        return {"dim": dim, "n_layer": n_layer, "vocab_size": vocab_size, "num_classes": rows - vocab_size - 3}
+        captions = state.get("cls_embedding.uncond_embedding")
+        if captions is None:
+            condition = {"num_classes": rows - vocab_size - 3}
+        else:
+            condition = {"model_type": "t2i", "cls_token_num": captions.shape[0], "caption_dim": captions.shape[1]}
+        return {"dim": dim, "n_layer": n_layer, "vocab_size": vocab_size, **condition}
 
 
 @torch.compiler.disable
@@ -581,7 +635,7 @@ class ARPGDecoder:
     weights (fused projections, see `ARPG.decode_weights`).
 
     Args:
-        conditions: (rows,) labels, `ClassCondition.NULL` for unconditional rows.
+        conditions: a batch of `rows` conditions (the unconditional ones for the guidance rows).
         target_rope: (rows|b|1, N, D/2, 2) RoPE of the N positions to decode, in decode order.
         tokens_per_step: how many targets each step predicts (sums to N).
         context_ids, context_rope: (rows, K) known tokens and their RoPE, fed after the condition.
@@ -605,13 +659,13 @@ class ARPGDecoder:
     queries that are not committed).
     """
 
-    def __init__(self, model: ARPG, conditions: Tensor, target_rope: Tensor, tokens_per_step: Sequence[int],
+    def __init__(self, model: ARPG, conditions: Any, target_rope: Tensor, tokens_per_step: Sequence[int],
                  context_ids: Optional[Tensor] = None, context_rope: Optional[Tensor] = None,
                  causal_within_step: bool = False, use_cache: bool = True, compile: bool = False,
                  cache_dtype: Optional[torch.dtype] = None, static: bool = False, query_open: bool = False):
         require(not (static and query_open), "static=True decodes a fixed plan of positions; confidence-guided "
                                              "positions query every open position: set static=False with them")
-        rows, device = conditions.shape[0], conditions.device
+        rows, device = model.condition.batch_size(conditions), model.head.weight.device
         self.model, self.causal, self.query_open = model, causal_within_step, query_open
         self.tokens_per_step = list(tokens_per_step)
         self.ends = [sum(tokens_per_step[:i + 1]) for i in range(len(tokens_per_step))]
@@ -619,19 +673,29 @@ class ARPGDecoder:
         target_rope = _batch_rope(target_rope, rows)
         if query_open:  # rearranged in place by reorder_open: an own copy, not a broadcast view
             target_rope = target_rope.clone()
-        prefill = [(model.class_ids(conditions)[:, None], model.class_rope(rows, device))]
+        # The condition rows first (causal among themselves, as trained), then any context tokens.
+        prefill = [(model.condition_inputs(conditions), model.class_rope(rows, device))]
         if context_ids is not None and context_ids.shape[1]:
             prefill.append((context_ids, _batch_rope(context_rope, rows)))
         fed_slots = self.ends[-2] if len(self.ends) > 1 else 0  # the last step's tokens are never fed
         prefilled = sum(ids.shape[1] for ids, _ in prefill)
         max_len = prefilled + fed_slots
+        keys = model.condition.key_mask(conditions)  # (rows, P) or None
+        require(keys is None or not static, "static=True is not supported with captions (their padded rows need "
+                                            "a per-sample mask); leave it False")
+        self.key_mask = None if keys is None else F.pad(keys, (0, max_len - keys.shape[1]), value=True)
         self.cache, self.static_steps = None, None
         if not use_cache:
-            self.ids = torch.cat([ids for ids, _ in prefill] + [conditions.new_zeros(rows, fed_slots)], dim=1)
+            self.inputs = torch.cat([model.embed(ids) for ids, _ in prefill]
+                                    + [model.embeddings.weight.new_zeros(rows, fed_slots, model.config.dim)], dim=1)
             self.rope = torch.cat([rope for _, rope in prefill] + [target_rope[:, :fed_slots]], dim=1)
             self.target_rope = target_rope
-            groups = [ids.shape[1] for ids, _ in prefill] + list(tokens_per_step[:-1])
+            condition_rows = prefill[0][0].shape[1]
+            groups = [1] * condition_rows + [ids.shape[1] for ids, _ in prefill[1:]] + list(tokens_per_step[:-1])
             self.visible = block_causal_mask(groups, causal_within_step, device)  # (L, L)
+            if self.key_mask is not None:  # (rows, 1, L, L): no row sees a hidden one, but each sees itself
+                eye = torch.eye(max_len, dtype=torch.bool, device=device)
+                self.visible = (self.visible & (self.key_mask[:, None, :] | eye))[:, None]
             self.length = prefilled
             return
         self.targets = rotation(target_rope)  # (rows, N, D/2), sliced per step
@@ -650,8 +714,9 @@ class ARPGDecoder:
         else:
             self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
             self.step_fn = _compiled(_extend_and_predict, None, True) if compile else _extend_and_predict
-        for ids, rope in prefill:
-            model.extend(ids, rope, self.cache, causal=self.causal)
+        self.cache.key_mask = self.key_mask
+        for i, (ids, rope) in enumerate(prefill):
+            model.extend(ids, rope, self.cache, causal=self.causal or i == 0)
 
     def _static_plan(self, prefilled: int, pad: int, device: torch.device) -> list[_StaticStep]:
         """The padded inputs of every step, made once: rotations padded with zero rows, the cache
@@ -705,10 +770,11 @@ class ARPGDecoder:
             fed_rope = self.targets.slice(before, start) if fed is not None else None
             return self.step_fn(self.model, self.cache, fed, fed_rope, self.targets.slice(start, end), self.causal)
         if fed is not None:
-            self.ids[:, self.length:self.length + fed.shape[1]] = fed
+            self.inputs[:, self.length:self.length + fed.shape[1]] = self.model.embeddings(fed)
             self.rope[:, self.length:self.length + fed.shape[1]] = self.target_rope[:, before:start]  # maybe reordered
             self.length += fed.shape[1]
         L = self.length
-        k, v = self.model.content_kv(self.ids[:, :L], self.rope[:, :L], is_causal=False,
-                                     attn_mask=self.visible[:L, :L])
-        return self.model.target_logits(k, v, self.target_rope[:, start:end], is_causal=False)
+        k, v = self.model.content_kv(self.inputs[:, :L], self.rope[:, :L], is_causal=False,
+                                     attn_mask=self.visible[..., :L, :L])
+        keys = None if self.key_mask is None else self.key_mask[:, None, None, :L]
+        return self.model.target_logits(k, v, self.target_rope[:, start:end], is_causal=False, attn_mask=keys)

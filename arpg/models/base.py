@@ -1,6 +1,7 @@
 """What the model families share besides their layers: the common hyper-parameters with their
 checks (`TransformerConfig`), and the common surface of a class-conditional token-grid generator
-(`GridGenerator`: its condition, grid, parameter count and input check).
+(`GridGenerator`: its condition, grid, parameter count and input check). The condition type is
+`model_type`'s (`arpg.condition.condition_for`); the models only pass conditions through it.
 
 Each family's config extends `TransformerConfig` with its own fields (ARPG: `cls_rope`; LlamaGen:
 `regions`, ...) and its model extends `GridGenerator`; the field names are the published ones.
@@ -16,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from arpg.condition import ClassCondition
+from arpg.condition import condition_for
 from arpg.errors import SettingError, require
 from arpg.models.layers import swiglu_hidden_dim
 
@@ -44,6 +45,9 @@ class TransformerConfig:
     ffn_dropout_p: float = 0.1
     class_dropout_prob: float = 0.1
     initializer_range: float = 0.02
+    model_type: str = "c2i"  # the condition: "c2i" class labels, "t2i" caption embeddings (arpg.condition)
+    caption_dim: int = 2048  # t2i: the text encoder's width (flan-t5-xl); cls_token_num caption rows
+    text_encoder: str = "google/flan-t5-xl"  # t2i: what encodes prompts (arpg.text.load_text_encoder)
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes", "multiple_of"):
@@ -52,7 +56,11 @@ class TransformerConfig:
         require(self.head_dim % 4 == 0, f"dim // n_head must be a multiple of 4 for 2-D RoPE, got {self.head_dim}")
         require(math.isqrt(self.block_size) ** 2 == self.block_size,
                 f"block_size must be a perfect square (a square token grid), got {self.block_size}")
-        require(self.cls_token_num == 1, f"cls_token_num must be 1 (as in the published models), got {self.cls_token_num}")
+        require(self.model_type in ("c2i", "t2i"), f"model_type must be 'c2i' or 't2i', got {self.model_type!r}")
+        require(self.cls_token_num == 1 or self.model_type == "t2i",
+                f"cls_token_num must be 1 for class labels (model_type 'c2i', as published), got {self.cls_token_num}")
+        require(self.cls_token_num >= 1 and self.caption_dim >= 1,
+                f"cls_token_num (caption rows) and caption_dim must be >= 1, got {self.cls_token_num}, {self.caption_dim}")
         for name in DROPOUT_FIELDS:
             require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -73,12 +81,12 @@ class TransformerConfig:
 
 
 class GridGenerator(nn.Module):
-    """A class-conditional generator of square token grids (the base of every family's model)."""
+    """A conditional generator of square token grids (the base of every family's model)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
-        self.condition = ClassCondition(config.num_classes)
+        self.condition = condition_for(config)
         self._sampling = None
 
     @property
@@ -121,26 +129,28 @@ class GridGenerator(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def check_inputs(self, tokens: Tensor, labels: Tensor, values: bool = True) -> tuple[int, int]:
-        """(B, T) after checking training inputs: tokens (B, block_size) integers, labels (B,).
-        `values` also checks the token range [0, vocab_size) and the class ids; that reads values
-        back (a host sync on a GPU), so the training loop checks them on the CPU side instead.
-        The shape checks trace under torch.compile (their messages are formatted only on failure:
-        a formatted size would specialise the graph to it); the value checks stay out of the graph."""
+    def check_inputs(self, tokens: Tensor, conditions: Any, values: bool = True) -> tuple[int, int]:
+        """(B, T) after checking training inputs: tokens (B, block_size) integers, a batch of B
+        conditions. `values` also checks the token range [0, vocab_size) and the conditions; that
+        reads values back (a host sync on a GPU), so the training loop checks them on the CPU side
+        instead. The shape checks trace under torch.compile (their messages are formatted only on
+        failure: a formatted size would specialise the graph to it); the value checks stay out of
+        the graph."""
         cfg = self.config
         if not (tokens.ndim == 2 and tokens.shape[1] == cfg.block_size and not tokens.dtype.is_floating_point):
             raise SettingError(f"tokens must be integers of shape (B, {cfg.block_size}), got {tokens.dtype} "
                                f"{tuple(tokens.shape)}")
         B, T = tokens.shape
         if not values:
-            if labels.shape != (B,):
-                raise SettingError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
+            size = self.condition.batch_size(conditions)
+            if size != B:
+                raise SettingError(f"conditions must hold {B} samples (one per token row), got {size}")
             return B, T
-        self._check_input_values(tokens, labels)
+        self._check_input_values(tokens, conditions)
         return B, T
 
     @torch.compiler.disable
-    def _check_input_values(self, tokens: Tensor, labels: Tensor) -> None:
+    def _check_input_values(self, tokens: Tensor, conditions: Any) -> None:
         require(bool(tokens.min() >= 0) and bool(tokens.max() < self.config.vocab_size),
                 f"tokens must be integers in [0, {self.config.vocab_size}) (vocab_size)")
-        self.condition.check(labels, batch=tokens.shape[0])
+        self.condition.check(conditions, batch=tokens.shape[0])

@@ -1,4 +1,4 @@
-"""LlamaGen's class-conditional GPT, and PAR on it: a standard causal AR transformer.
+"""LlamaGen's GPT (class-conditional, or text-to-image), and PAR on it: a standard causal AR transformer.
 
 One file, read top to bottom:
 
@@ -6,18 +6,20 @@ One file, read top to bottom:
   PAR's n. n = 1 is plain LlamaGen: raster order, one token per step. n = 4 or 16 is PAR: the grid
   is cut into a sqrt(n) x sqrt(n) arrangement of regions and the tokens are reordered so that
   slot k holds local token k // n of region k % n (`arpg.orders.regions_order`).
-* The training sequence (PAR, Wang et al. 2024): `[class, t0 .. t(n-1), M0 .. M(n-2), t(n) .. t(T-2)]`
+* The training sequence (PAR, Wang et al. 2024): `[condition, t0 .. t(n-1), M0 .. M(n-2), t(n) .. t(T-2)]`
   with the n - 1 learnable transition tokens M. Input j predicts slot j, so the first n slots come
   one at a time and every later group of n inputs predicts the next n slots at once. Attention is
   causal plus full inside each such group (`block_causal_mask` over the decode steps: the mask IS
   the decoding schedule). Every image token is rotated by the 2-D RoPE of its own grid position;
-  the class and transition tokens get all-zero rotations (published).
+  the condition rows and transition tokens get all-zero rotations (published). The condition is
+  the class token, or the 120 caption rows of LlamaGen's text-to-image GPT (`model_type` "t2i",
+  `arpg.condition.TextCondition`), whose padded rows no other row attends to.
 * `TransformerBlock` etc.: the module tree and parameter names of LlamaGen's GPT (and PAR's
   `spe_tok_embeddings`), so published checkpoints load with strict key and shape checks. The math
   (RMSNorm, SwiGLU, RoPE, attention) is `arpg.models.layers`, shared with ARPG.
 * `LlamaGenDecoder`: the step engine the shared sampler drives (`arpg.sample.decode`). It feeds
-  each decode step's inputs at their training positions over a preallocated KV cache: the class
-  token, n - 1 single tokens, one transition step (slot n - 1 and the transition tokens), then n
+  each decode step's inputs at their training positions over a preallocated KV cache: the condition
+  rows, n - 1 single tokens, one transition step (slot n - 1 and the transition tokens), then n
   tokens per step: T/n + n - 1 forward calls for T tokens.
 
 Deliberate differences from the published code (see the reference notes): the model always has a
@@ -32,14 +34,13 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from arpg.condition import ClassCondition
 from arpg.errors import require
 from arpg.models.base import GridGenerator, TransformerConfig
 from arpg.models.layers import (FeedForward, RMSNorm, apply_rope, attention, block_causal_mask, merge_heads,
@@ -53,8 +54,9 @@ REGION_ORDERS = {1: "raster", 4: "regions4", 16: "regions16"}
 @dataclass
 class LlamaGenConfig(TransformerConfig):
     """Hyper-parameters of a LlamaGen / PAR model (field names follow LlamaGen's `ModelArgs`, the
-    shared ones are in `TransformerConfig`; its text-to-image and cache-size fields are left out).
-    `regions` is PAR's n: 1 (LlamaGen), 4 or 16; block_size is 576 (24x24) for 384px models."""
+    shared ones are in `TransformerConfig`, with its text-to-image fields `model_type`, `caption_dim`
+    and `cls_token_num`; its cache-size fields are left out). `regions` is PAR's n: 1 (LlamaGen), 4
+    or 16; block_size is 576 (24x24) for 384px models."""
 
     n_kv_head: Optional[int] = None  # None = n_head; every published size has it
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly over the layers to this rate
@@ -127,14 +129,6 @@ class TransformerBlock(nn.Module):
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
 
-class ClassEmbedding(nn.Module):
-    """Class c is row c of `embedding_table`, the unconditional (null) class its last row."""
-
-    def __init__(self, num_classes: int, dim: int):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)
-
-
 class TransitionTokens(nn.Module):
     """PAR's n - 1 learnable transition tokens, fed between the first n slots and the rest."""
 
@@ -148,14 +142,15 @@ class TransitionTokens(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 class LlamaGen(GridGenerator):
-    """Class-conditional causal AR image generator: LlamaGen (regions = 1) or PAR (regions = 4, 16)."""
+    """Causal AR image generator: LlamaGen (regions = 1) or PAR (regions = 4, 16), conditioned on
+    class labels or captions (`condition`, whose embedding is `cls_embedding`)."""
 
     family = "llamagen"
     _no_split_modules = ["TransformerBlock"]  # FSDP wraps these (accelerate reads this name)
 
     def __init__(self, config: LlamaGenConfig):
         super().__init__(config)
-        self.cls_embedding = ClassEmbedding(config.num_classes, config.dim)
+        self.cls_embedding = self.condition.embedding(config.dim)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         if config.regions > 1:
             self.spe_tok_embeddings = TransitionTokens(config.regions - 1, config.dim)
@@ -193,11 +188,11 @@ class LlamaGen(GridGenerator):
         return tuple(regions_schedule(h, w, self.config.regions))
 
     def sequence_positions(self, device: torch.device | str | None = None) -> Tensor:
-        """(T + n,) the raster position of each input of the full sequence
-        [class, slots 0..n-1, n - 1 transitions, slots n..T-1]; -1 for the class and transition tokens."""
+        """(P + T + n - 1,) the raster position of each input of the full sequence [P condition rows,
+        slots 0..n-1, n - 1 transitions, slots n..T-1]; -1 for the condition and transition tokens."""
         order, n = self.slot_order(device), self.config.regions
-        none = order.new_full((1,), -1)
-        return torch.cat([none, order[:n], none.expand(n - 1), order[n:]])
+        none = order.new_full((max(self.condition.rows, n - 1),), -1)
+        return torch.cat([none[:self.condition.rows], order[:n], none[:n - 1], order[n:]])
 
     def sequence_rope(self, positions: Tensor) -> Tensor:
         """RoPE (..., D/2, 2) of sequence inputs at raster `positions` (...,), all zeros where -1."""
@@ -206,13 +201,25 @@ class LlamaGen(GridGenerator):
         return rope.masked_fill((positions < 0)[..., None, None], 0.0)
 
     def sequence_mask(self, device: torch.device | str | None = None) -> Tensor:
-        """(T + n, T + n) bool, True where input i may attend to input j: causal, plus full attention
-        inside each group of n inputs after the first n (the reference's group mask)."""
-        return block_causal_mask([*self.decode_steps(), self.config.regions], device=device)
+        """(L, L) bool over the L = P + T + n - 1 inputs, True where input i may attend to input j:
+        causal, plus full attention inside each group of n inputs after the first n (the
+        reference's group mask)."""
+        steps = self.decode_steps()  # steps[0] = 1: the last condition row predicts slot 0
+        return block_causal_mask([1] * self.condition.rows + [*steps[1:], self.config.regions], device=device)
 
-    def class_ids(self, labels: Tensor) -> Tensor:
-        """Class-table rows (B,) of labels; the null label (`ClassCondition.NULL`) is the last row."""
-        return torch.where(labels == ClassCondition.NULL, self.config.null_class_id, labels)
+    def attention_mask(self, conditions: Any, length: int,
+                       device: torch.device | str | None = None) -> Optional[Tensor]:
+        """The mask of the first `length` inputs: (length, length), or (B, 1, length, length) when
+        the condition hides some of its rows (padded caption rows: no other row attends to them,
+        each still attends to itself, as published); None for plain causal attention."""
+        keys = self.condition.key_mask(conditions)  # (B, P) or None
+        if keys is None and self.config.regions == 1:
+            return None
+        mask = self.sequence_mask(device)[:length, :length]
+        if keys is None:
+            return mask
+        visible = F.pad(keys, (0, length - keys.shape[1]), value=True)[:, None, :]  # (B, 1, length)
+        return (mask & (visible | torch.eye(length, dtype=torch.bool, device=device)))[:, None]
 
     def transition_embeddings(self, batch: int) -> Tensor:
         """(batch, n - 1, dim): the transition tokens (none for n = 1)."""
@@ -242,38 +249,40 @@ class LlamaGen(GridGenerator):
 
     # -- training forward -----------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None,
+    def forward(self, tokens: Tensor, conditions: Any, generator: Optional[torch.Generator] = None,
                 check: bool = True, drop_labels: bool = True,
                 return_logits: bool = True) -> tuple[Optional[Tensor], Tensor]:
         """Teacher-forced pass over the model's own sequence (raster, or PAR's regions).
 
         Args:
             tokens: (B, T) image tokens in raster order, values in [0, vocab_size); reordered here.
-            labels: (B,) class ids in [0, num_classes).
-            generator: RNG for class dropout (training only).
-            check: validate the values of tokens and labels (`check_inputs`); shapes and dtypes
-                are always checked.
-            drop_labels, return_logits: as in `ARPG.forward` (the training loop drops the labels
+            conditions: a batch of B conditions of the model's `condition` (class ids (B,), or
+                `Captions`).
+            generator: RNG for condition dropout (training only).
+            check: validate the values of tokens and conditions (`check_inputs`); shapes and
+                dtypes are always checked.
+            drop_labels, return_logits: as in `ARPG.forward` (the training loop drops the conditions
                 itself and needs only the loss).
         Returns:
             logits (B, T, vocab_size) float32 in raster order (None without `return_logits`), and
             the mean cross-entropy.
         """
-        B, T = self.check_inputs(tokens, labels, values=check)
-        n, device = self.config.regions, tokens.device
+        B, T = self.check_inputs(tokens, conditions, values=check)
+        n, P, device = self.config.regions, self.condition.rows, tokens.device
         if self.training and drop_labels:
-            labels = self.condition.drop(labels, self.config.class_dropout_prob, generator)
+            conditions = self.condition.drop(conditions, self.config.class_dropout_prob, generator)
         order = self.slot_order(device)  # (T,)
         slots = tokens[:, order]  # (B, T) in slot order
         fed = self.tok_embeddings(slots[:, :-1])  # the last slot is only a target
-        x = torch.cat([self.cls_embedding.embedding_table(self.class_ids(labels))[:, None], fed[:, :n],
-                       self.transition_embeddings(B), fed[:, n:]], dim=1)  # (B, T + n - 1, dim)
-        length = T + n - 1
+        x = torch.cat([self.cls_embedding(conditions), fed[:, :n], self.transition_embeddings(B),
+                       fed[:, n:]], dim=1)  # (B, P + T + n - 2, dim)
+        length = x.shape[1]
         rope = self.sequence_rope(self.sequence_positions(device)[:length])[None]
-        # n = 1 is plain causal attention (flash kernels); PAR needs its group mask.
-        mask = None if n == 1 else self.sequence_mask(device)[:length, :length]
-        h = self.transformer(self.tok_dropout(x), rope, attn_mask=mask, is_causal=n == 1)
-        logits_in_slots = self.head(h[:, :T])  # input k predicts slot k; the last n - 1 inputs are unused
+        # Plain causal attention (flash kernels) unless PAR's groups or padded captions need a mask.
+        mask = self.attention_mask(conditions, length, device)
+        h = self.transformer(self.tok_dropout(x), rope, attn_mask=mask, is_causal=mask is None)
+        # the last condition row predicts slot 0, input P - 1 + k slot k; the last n - 1 inputs are unused
+        logits_in_slots = self.head(h[:, P - 1:P - 1 + T])
         loss = F.cross_entropy(logits_in_slots.flatten(0, 1), slots.flatten())
         if not return_logits:
             return None, loss
@@ -281,7 +290,7 @@ class LlamaGen(GridGenerator):
 
     # -- decoding and checkpoints ---------------------------------------------------------------
 
-    def decoder(self, conditions: Tensor, order: Tensor, tokens_per_step: Sequence[int], grid: tuple[int, int],
+    def decoder(self, conditions: Any, order: Tensor, tokens_per_step: Sequence[int], grid: tuple[int, int],
                 **runtime) -> LlamaGenDecoder:
         """The step engine of one decode (see `LlamaGenDecoder`)."""
         return LlamaGenDecoder(self, conditions, order, tokens_per_step, grid, **runtime)
@@ -289,24 +298,33 @@ class LlamaGen(GridGenerator):
     @staticmethod
     def fields_from_state_dict(state: Mapping[str, Tensor]) -> Optional[dict]:
         """The config fields a LlamaGen / PAR state dict's shapes determine (dim, n_layer, vocab_size,
-        num_classes, regions), or None when it is not this family's layout."""
-        if "tok_embeddings.weight" not in state or "cls_embedding.embedding_table.weight" not in state:
+        regions, and num_classes, or for a text-to-image model model_type, caption_dim and
+        cls_token_num), or None when it is not this family's layout."""
+        classes = state.get("cls_embedding.embedding_table.weight")
+        captions = state.get("cls_embedding.uncond_embedding")
+        if "tok_embeddings.weight" not in state or (classes is None and captions is None):
             return None
         vocab_size, dim = state["tok_embeddings.weight"].shape
         transitions = state.get("spe_tok_embeddings.special_embeddings.weight")
+        if classes is not None:
+            condition = {"num_classes": classes.shape[0] - 1}
+        else:
+            condition = {"model_type": "t2i", "cls_token_num": captions.shape[0], "caption_dim": captions.shape[1]}
         return {"dim": dim, "n_layer": sum(1 for k in state if k.endswith(".attention_norm.weight")),
-                "vocab_size": vocab_size, "num_classes": state["cls_embedding.embedding_table.weight"].shape[0] - 1,
-                "regions": 1 if transitions is None else transitions.shape[0] + 1}
+                "vocab_size": vocab_size, "regions": 1 if transitions is None else transitions.shape[0] + 1,
+                **condition}
 
 
 # ---------------------------------------------------------------------------------------------
 # The step engine of the sampler
 # ---------------------------------------------------------------------------------------------
 
-def _cached_step(model: LlamaGen, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
+def _cached_step(model: LlamaGen, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int,
+                 attn_mask: Optional[Tensor] = None) -> Tensor:
     """One cached forward call: inputs x (B, m, dim) at sequence positions [start, start + m) see
-    everything cached and each other (they form one group of the mask) -> logits (B, m, V)."""
-    return model.head(model.transformer(x, rope, cache=(k_cache, v_cache, start)))
+    everything cached and each other (they form one group of the mask), except where `attn_mask`
+    (B|1, 1, m, start + m) hides keys -> logits (B, m, V)."""
+    return model.head(model.transformer(x, rope, attn_mask=attn_mask, cache=(k_cache, v_cache, start)))
 
 
 @functools.cache
@@ -319,14 +337,15 @@ class LlamaGenDecoder:
     previous step (None at the first) and it returns the float32 logits (rows, m, V) of this
     step's slots.
 
-    Call c feeds sequence positions [p_c, p_c + m_c) and their outputs predict slots
-    [p_c, p_c + m_c), m_c = `tokens_per_step[c]`: call 0 the class token; calls 1 .. n-1 the
+    Call 0 feeds the P condition rows at sequence positions [0, P); its last row predicts slot 0.
+    Call c > 0 feeds m_c inputs at [P - 1 + e_(c-1), P - 1 + e_c) (e_c: the slots predicted by
+    calls 0..c, m_c = `tokens_per_step[c]`), which predict the next m_c slots: calls 1 .. n-1 the
     previous slot; call n slot n - 1 and the n - 1 transition tokens; later calls the previous n
     slots. The positions, RoPE and attention are the training ones, so each conditional logit
     equals the teacher-forced logit of its slot. The KV cache lives here, never in the model.
 
     Args:
-        conditions: (rows,) labels, `ClassCondition.NULL` for unconditional rows.
+        conditions: a batch of `rows` conditions (the unconditional ones for the guidance rows).
         order, tokens_per_step, grid: the plan; they must be the model's own (`decode_rules`).
         causal_within_step: not supported (the family attends fully within a group, as trained).
         use_cache: False recomputes the whole prefix at every call (same logits; for tests).
@@ -335,10 +354,11 @@ class LlamaGenDecoder:
         cache_dtype: dtype of the KV cache (default: the weights').
     """
 
-    def __init__(self, model: LlamaGen, conditions: Tensor, order: Tensor, tokens_per_step: Sequence[int],
+    def __init__(self, model: LlamaGen, conditions: Any, order: Tensor, tokens_per_step: Sequence[int],
                  grid: tuple[int, int], causal_within_step: bool = False, use_cache: bool = True,
                  compile: bool = False, static: bool = False, cache_dtype: Optional[torch.dtype] = None):
-        cfg, device, rows = model.config, conditions.device, conditions.shape[0]
+        cfg, device = model.config, model.tok_embeddings.weight.device
+        rows = model.condition.batch_size(conditions)
         require(not static, "static=True is for ARPG only: LlamaGen and PAR decode with growing cache slices; "
                             "leave it False")
         require(not causal_within_step, "causal_within_step=True is for ARPG only: LlamaGen and PAR decode as they "
@@ -351,34 +371,42 @@ class LlamaGenDecoder:
         require(order.shape[-1] == own.shape[0] and torch.equal(order.to(device), own.expand_as(order)),
                 f"order must be the model's own ({REGION_ORDERS[cfg.regions]!r})")
         self.model, self.step = model, 0
-        self.ends = list(itertools.accumulate(tokens_per_step))
-        self.rope = model.sequence_rope(model.sequence_positions(device))[None]  # (1, T + n, D/2, 2)
-        self.class_inputs = model.cls_embedding.embedding_table(model.class_ids(conditions))[:, None]  # (rows, 1, dim)
+        P = model.condition.rows
+        self.tokens_per_step = list(tokens_per_step)
+        ends = [P - 1 + e for e in itertools.accumulate(tokens_per_step)]
+        self.bounds = [(0, P), *zip(ends[:-1], ends[1:])]  # sequence positions fed by each call
+        self.rope = model.sequence_rope(model.sequence_positions(device))[None]  # (1, P + T + n - 1, D/2, 2)
+        self.prefix = model.cls_embedding(conditions)  # (rows, P, dim)
+        length = ends[-1]  # the inputs fed: positions 0 .. P - 2 + T (the last group is never fed)
+        # None: every call attends to all that is cached (class tokens); else (rows|1, 1, length, length)
+        self.mask = model.attention_mask(conditions, length, device) if P > 1 else None
         dtype = model.tok_embeddings.weight.dtype
-        T = cfg.block_size  # the inputs fed: sequence positions 0 .. T - 1 (the last group is never fed)
         if use_cache:
-            shape = (cfg.n_layer, rows, cfg.n_head, T, cfg.head_dim)
+            shape = (cfg.n_layer, rows, cfg.n_head, length, cfg.head_dim)
             self.k_cache = torch.zeros(shape, dtype=cache_dtype or dtype, device=device)
             self.v_cache = torch.zeros(shape, dtype=cache_dtype or dtype, device=device)
             self.step_fn = _compiled_step() if compile else _cached_step
         else:
             self.k_cache = None
-            self.inputs = torch.zeros(rows, T, cfg.dim, dtype=dtype, device=device)
-            self.mask = model.sequence_mask(device)[:T, :T]
+            self.inputs = torch.zeros(rows, length, cfg.dim, dtype=dtype, device=device)
+            if self.mask is None:
+                self.mask = model.sequence_mask(device)[:length, :length]
 
     def __call__(self, fed: Optional[Tensor]) -> Tensor:
         model, n = self.model, self.model.config.regions
-        start = self.ends[self.step - 1] if self.step else 0
-        end = self.ends[self.step]
+        start, end = self.bounds[self.step]
         if fed is None:
-            x = self.class_inputs
+            x = self.prefix
         else:
             x = model.tok_embeddings(fed)  # (rows, m, dim)
             if self.step == n:  # the transition step: slot n - 1, then the transition tokens
                 x = torch.cat([x, model.transition_embeddings(x.shape[0])], dim=1)
+        m = self.tokens_per_step[self.step]  # the slots predicted: the last m inputs' outputs
         self.step += 1
         if self.k_cache is not None:
-            return self.step_fn(model, x, self.rope[:, start:end], self.k_cache, self.v_cache, start)
+            mask = None if self.mask is None else self.mask[..., start:end, :end]
+            logits = self.step_fn(model, x, self.rope[:, start:end], self.k_cache, self.v_cache, start, mask)
+            return logits if logits.shape[1] == m else logits[:, -m:].contiguous()  # the sampler works in place
         self.inputs[:, start:end] = x
-        h = model.transformer(self.inputs[:, :end], self.rope[:, :end], attn_mask=self.mask[:end, :end])
-        return model.head(h[:, start:end])
+        h = model.transformer(self.inputs[:, :end], self.rope[:, :end], attn_mask=self.mask[..., :end, :end])
+        return model.head(h[:, end - m:end])

@@ -3,6 +3,7 @@
     model = load_model("arpg_300m.pt", device="cuda")
     vq = VQTokenizer.from_checkpoint("vq_ds16_c2i.pt").cuda()
     images = generate(model, [207, 360, 387, 974], tokenizer=vq)  # (4, 3, 256, 256), ARPG-L's published recipe
+    images = generate(t2i_model, ["a red fox in snow"], cfg=7.5, tokenizer=vq)  # a text-to-image model
 
 How one decode runs (`decode`):
 
@@ -15,7 +16,8 @@ How one decode runs (`decode`):
   by default on a CUDA GPU and never on a CPU (the same tokens on every CPU), on any device with
   amp=True, never with amp=False (`arpg.runtime.use_bf16`).
 * Classifier-free guidance runs the conditional and the unconditional rows as one doubled batch
-  and mixes their logits as uncond + scale * (cond - uncond).
+  and mixes their logits as uncond + scale * (cond - uncond). The conditions (class ids, captions)
+  pass through the model's `condition` (arpg.condition); the loop never looks inside them.
 * The tokens are chosen by a `TokenSampler` (arpg.sample.draw) with uniforms drawn once per call:
   per generator part, the order, then one uniform per canvas position (then, for a position
   selector, one per step and canvas position).
@@ -88,7 +90,7 @@ def cfg_scales(options: SamplingOptions, tokens_per_step: Sequence[int], known: 
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, torch.dtype], StepEngine],
+def decode(model: nn.Module, conditions: Any, make_engine: Callable[[Any, torch.dtype], StepEngine],
            tokens_per_step: Sequence[int], choose: Choose, scales: Optional[Sequence[float]],
            options: SamplingOptions, progress: bool = False, select: Optional[PositionSelector] = None
            ) -> Tensor:
@@ -96,8 +98,8 @@ def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, 
     (the engine's targets, in the plan's order).
 
     Args:
-        conditions: (B,) the samples' conditions (class labels).
-        make_engine: (row conditions (rows,), cache dtype) -> the model's step engine; rows = 2B
+        conditions: a batch of B conditions of the model's `condition` (checked).
+        make_engine: (a batch of rows conditions, cache dtype) -> the model's step engine; rows = 2B
             with guidance (conditional rows, then unconditional ones), else B. Built with
             `query_open` when `select` is given.
         tokens_per_step: how many targets each step commits.
@@ -108,11 +110,12 @@ def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, 
         select: a position selector (arpg.sample.positions): each step then draws a token for every
             open target and commits the ones `select` puts first; None commits the plan's.
     """
-    B, N, device = conditions.shape[0], sum(tokens_per_step), conditions.device
+    condition, device = model.condition, next(model.parameters()).device
+    B, N = condition.batch_size(conditions), sum(tokens_per_step)
     guided = scales is not None
     if guided:
-        conditions = torch.cat([conditions, model.condition.unconditional(conditions)])
-    chosen = torch.empty(conditions.shape[0], N, dtype=torch.long, device=device)  # both halves feed the same
+        conditions = condition.join(conditions, condition.unconditional(conditions))
+    chosen = torch.empty(2 * B if guided else B, N, dtype=torch.long, device=device)  # both halves feed the same
     # decode slot -> target; a selector rearranges the open slots after each step
     arrangement = torch.arange(N, device=device).repeat(B, 1) if select is not None else None
     use_amp = use_bf16(options.amp, device)
@@ -191,14 +194,15 @@ def check_sampling(model: nn.Module, options: SamplingOptions, what: str = "samp
         raise SettingError(f"{what}.{err}") from None
 
 
-def generate(model: nn.Module, labels: Sequence[int] | Tensor, options: Optional[SamplingOptions] = None, *,
+def generate(model: nn.Module, conditions: Any, options: Optional[SamplingOptions] = None, *,
              generator: Generators = None, tokenizer: Any = None, progress: bool = False,
              **overrides: Any) -> Tensor:
-    """Sample one image per label.
+    """Sample one image per condition.
 
     Args:
         model: a model of any family (eval mode); its device decides where sampling runs.
-        labels: B class ids in [0, num_classes).
+        conditions: what the model's `condition` takes: B class ids in [0, num_classes), or for a
+            text-to-image model B prompts (strings) or `arpg.condition.Captions`.
         options: a whole `SamplingOptions`, used as it is; None (default): the model's recipe,
             `model.sampling` (what its weights recorded, else the published settings). Keyword
             `overrides` replace single fields of either: `generate(model, labels, steps=8)`
@@ -213,8 +217,8 @@ def generate(model: nn.Module, labels: Sequence[int] | Tensor, options: Optional
     options = resolve_options(model.sampling, options, overrides)
     check_tokenizer(model, tokenizer)
     device = next(model.parameters()).device
-    labels = model.condition.check(labels, device=device)
-    B, (h, w) = labels.shape[0], model.grid
+    conditions = model.condition.check(conditions, device=device)
+    B, (h, w) = model.condition.batch_size(conditions), model.grid
     parts = split_generators(generator, B)
     plan = decode_plan(model, options, B, parts, device)
     uniforms = draw_uniforms(parts, h * w, device).gather(1, plan.order)  # one per position, in decode order
@@ -224,7 +228,7 @@ def generate(model: nn.Module, labels: Sequence[int] | Tensor, options: Optional
         noise = draw_uniforms(parts, plan.num_steps * h * w, device).view(B, plan.num_steps, h * w)
         select = position_selector(options, plan.tokens_per_step, 0, h * w,
                                    noise.gather(2, plan.order[:, None].expand_as(noise)))
-    tokens = decode_grid(model, labels, plan, sampler, options, progress, select)
+    tokens = decode_grid(model, conditions, plan, sampler, options, progress, select)
     return tokenizer.decode(tokens) if tokenizer is not None else tokens
 
 
@@ -238,7 +242,7 @@ def token_sampler(options: SamplingOptions, uniforms: Tensor, tokens_per_step: S
     return TokenSampler(uniforms, temperature, options.top_k, options.top_p)
 
 
-def decode_grid(model: nn.Module, labels: Tensor, plan: DecodePlan, choose: Choose, options: SamplingOptions,
+def decode_grid(model: nn.Module, conditions: Any, plan: DecodePlan, choose: Choose, options: SamplingOptions,
                 progress: bool = False, select: Optional[PositionSelector] = None) -> Tensor:
     """Decode whole grids along `plan`, choosing each step's tokens with `choose` (and positions
     with `select`, see `decode`) -> (B, h, w) in raster order. (`generate` with the draws made
@@ -251,11 +255,11 @@ def decode_grid(model: nn.Module, labels: Tensor, plan: DecodePlan, choose: Choo
     if select is not None:
         runtime["query_open"] = True
 
-    def make_engine(conditions: Tensor, cache_dtype: torch.dtype) -> StepEngine:
-        return model.decoder(conditions, plan.order, plan.tokens_per_step, (h, w), cache_dtype=cache_dtype, **runtime)
+    def make_engine(rows: Any, cache_dtype: torch.dtype) -> StepEngine:
+        return model.decoder(rows, plan.order, plan.tokens_per_step, (h, w), cache_dtype=cache_dtype, **runtime)
 
     scales = cfg_scales(options, plan.tokens_per_step, known=0, total=h * w)
-    per_target = decode(model, labels, make_engine, plan.tokens_per_step, choose, scales, options, progress, select)
+    per_target = decode(model, conditions, make_engine, plan.tokens_per_step, choose, scales, options, progress, select)
     return torch.empty_like(per_target).scatter_(1, plan.order, per_target).view(-1, h, w)
 
 

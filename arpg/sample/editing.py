@@ -1,14 +1,13 @@
 """Zero-shot editing with ARPG: inpainting, outpainting and resolution expansion.
 
 Because an ARPG model can be asked for any set of positions, the known tokens are simply fed as
-context after the condition token and the unknown positions are decoded as targets, with the
+context after the condition and the unknown positions are decoded as targets, with the
 same decode loop as `generate`. Larger canvases use extended 2-D RoPE (`outpaint`) or position
 interpolation (`expand`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -24,7 +23,7 @@ from arpg.sample.options import SamplingOptions, resolve_options
 from arpg.sample.positions import position_selector
 
 
-def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int] | Tensor,
+def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, conditions: Any,
             options: Optional[SamplingOptions] = None, *, generator: Generators = None, tokenizer: Any = None,
             position_scale: float = 1.0, progress: bool = False, **overrides: Any) -> Tensor:
     """Regenerate the tokens outside `keep_mask`, conditioned on the kept ones (zero-shot).
@@ -48,7 +47,7 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
     Args:
         tokens: (B, H, W) token grid; values outside keep_mask are ignored.
         keep_mask: bool (B, H, W) or (H, W), True where a token is kept.
-        labels: B class ids.
+        conditions: B conditions of the model's `condition` (class ids; prompts for a text model).
         options, overrides: the `SamplingOptions`, as in `generate`; `order` orders the unknown
             positions (a name, or a permutation of the H * W canvas positions, restricted to the
             unknown ones); unset steps, schedule and order are ARPG's own (64, arccos, random).
@@ -62,8 +61,9 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
                                      f"got {model.system}")
     check_tokenizer(model, tokenizer)
     device = model.head.weight.device
-    labels = model.condition.check(labels, device=device)
-    B = labels.shape[0]
+    condition = model.condition
+    conditions = condition.check(conditions, device=device)
+    B = condition.batch_size(conditions)
     tokens, known = _check_canvas(model, tokens, keep_mask, B)
     H, W = tokens.shape[1:]
     order, steps, schedule = resolve_decoding(model.decode_rules, options)
@@ -106,9 +106,9 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
             noise = position_uniforms[rows].gather(2, target_pos[:, None].expand(-1, num_steps, -1))
             select = position_selector(options, tokens_per_step, K, H * W, noise)
 
-        def make_engine(conditions: Tensor, cache_dtype: torch.dtype) -> StepEngine:
-            repeat = conditions.shape[0] // context_ids.shape[0]  # 2 with guidance: the same context
-            return ARPGDecoder(model, conditions, rope[target_pos], tokens_per_step,
+        def make_engine(engine_rows: Any, cache_dtype: torch.dtype) -> StepEngine:
+            repeat = condition.batch_size(engine_rows) // context_ids.shape[0]  # 2 with guidance: the same context
+            return ARPGDecoder(model, engine_rows, rope[target_pos], tokens_per_step,
                                context_ids=context_ids.repeat(repeat, 1), context_rope=rope[context_pos],
                                causal_within_step=options.causal_within_step, use_cache=options.use_cache,
                                compile=options.compile, static=options.static, cache_dtype=cache_dtype,
@@ -116,13 +116,13 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, labels: Sequence[int
 
         sampler = token_sampler(options, uniforms[rows].gather(1, target_pos), tokens_per_step, K, H * W)
         scales = cfg_scales(options, tokens_per_step, known=K, total=H * W)
-        new = decode(model, labels[rows], make_engine, tokens_per_step, sampler, scales, options, progress, select)
+        new = decode(model, condition.take(conditions, rows), make_engine, tokens_per_step, sampler, scales, options, progress, select)
         tokens[rows] = tokens[rows].scatter(1, target_pos, new)
     tokens = tokens.view(B, H, W)
     return tokenizer.decode(tokens) if tokenizer is not None else tokens
 
 
-def outpaint(model: ARPG, tokens: Tensor, labels: Sequence[int] | Tensor, size: tuple[int, int],
+def outpaint(model: ARPG, tokens: Tensor, conditions: Any, size: tuple[int, int],
              offset: Optional[tuple[int, int]] = None, options: Optional[SamplingOptions] = None,
              **kwargs: Any) -> Tensor:
     """Place `tokens` (B, h, w) on a larger (H, W) = `size` canvas at `offset` (top, left; default
@@ -146,10 +146,10 @@ def outpaint(model: ARPG, tokens: Tensor, labels: Sequence[int] | Tensor, size: 
     canvas[:, top:top + h, left:left + w] = tokens
     keep = torch.zeros(H, W, dtype=torch.bool, device=tokens.device)
     keep[top:top + h, left:left + w] = True
-    return inpaint(model, canvas, keep, labels, options, **kwargs)
+    return inpaint(model, canvas, keep, conditions, options, **kwargs)
 
 
-def expand(model: ARPG, tokens: Tensor, labels: Sequence[int] | Tensor, factor: int = 2,
+def expand(model: ARPG, tokens: Tensor, conditions: Any, factor: int = 2,
            options: Optional[SamplingOptions] = None, **kwargs: Any) -> Tensor:
     """Resolution expansion: a (B, factor*h, factor*w) grid that contains the low-resolution grid
     `tokens` (B, h, w) at every factor-th position, (i, j) -> (factor*i, factor*j), the rest
@@ -169,7 +169,7 @@ def expand(model: ARPG, tokens: Tensor, labels: Sequence[int] | Tensor, factor: 
     canvas[:, ::factor, ::factor] = tokens
     keep = torch.zeros(factor * h, factor * w, dtype=torch.bool, device=tokens.device)
     keep[::factor, ::factor] = True
-    return inpaint(model, canvas, keep, labels, options, position_scale=1.0 / factor, **kwargs)
+    return inpaint(model, canvas, keep, conditions, options, position_scale=1.0 / factor, **kwargs)
 
 
 def _check_canvas(model: ARPG, tokens: Tensor, keep_mask: Tensor, batch: int) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""`scripts/sample.py`: a PNG grid of class-conditional samples from a checkpoint."""
+"""`scripts/sample.py`: a PNG grid of samples from a checkpoint, per class id (or per prompt for a
+text-to-image model)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class SampleConfig:
     tokenizer: str = "vq16"  # vq16 (needs vq_ckpt) | pixel_digits (8x8 digits, 17 grey levels)
     vq_ckpt: str = ""  # LlamaGen's vq_ds16_c2i.pt when tokenizer=vq16
     classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
-    samples_per_class: int = 1
+    prompts: Optional[list[str]] = None  # a text-to-image model's prompts, sampled instead of classes
+    samples_per_class: int = 1  # samples per class (or prompt)
     sampling: Any = overlay_field(SamplingOptions)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -43,8 +45,10 @@ class SampleConfig:
 
 
 def sample_images(config: SampleConfig) -> Path:
-    """Load the model and tokenizer, sample `samples_per_class` images per class, write the grid."""
+    """Load the model and tokenizer, sample `samples_per_class` images per class (or prompt), write
+    the grid."""
     require(len(config.classes) >= 1, "classes must list at least one class id, got []")
+    require(config.prompts is None or len(config.prompts) >= 1, "prompts must list at least one prompt, got []")
     for name in ("samples_per_class", "nrow", "scale"):
         require(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
     require(config.token_grid is None or config.token_grid >= 1, f"token_grid must be >= 1 or null, got {config.token_grid}")
@@ -52,14 +56,12 @@ def sample_images(config: SampleConfig) -> Path:
     tokenizer = load_tokenizer(config.tokenizer, config.vq_ckpt).to(device)
     grid = {} if config.token_grid is None else {"block_size": config.token_grid ** 2}
     model = load_model(config.checkpoint, weights=config.weights, device=device, **grid)
-    num_classes = model.config.num_classes
-    require(all(0 <= c < num_classes for c in config.classes),
-            f"classes must be class ids in [0, {num_classes}) for this model, got {config.classes}")
+    chosen = config.classes if config.prompts is None else config.prompts
+    conditions = model.condition.check([c for c in chosen for _ in range(config.samples_per_class)], device=device)
     options = resolve_options(model.sampling, config.sampling, {})
     check_sampling(model, options)
-    labels = [c for c in config.classes for _ in range(config.samples_per_class)]
-    images = generate(model, labels, options, generator=torch.Generator().manual_seed(config.seed),
+    images = generate(model, conditions, options, generator=torch.Generator().manual_seed(config.seed),
                       tokenizer=tokenizer, progress=True)
     path = save_grid(images, config.output, nrow=config.nrow, scale=config.scale)
-    print(f"wrote {len(labels)} samples ({options}) to {path.resolve()}")
+    print(f"wrote {model.condition.batch_size(conditions)} samples ({options}) to {path.resolve()}")
     return path

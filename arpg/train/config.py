@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from arpg import models
+from arpg.condition import Condition
 from arpg.data import DataSettings
 from arpg.errors import require
 from arpg.orders import ORDERS
@@ -42,8 +43,8 @@ class ModelSettings:
     """A registered size (`arpg.models.MODEL_SIZES`: ARPG-*, LlamaGen-*, PAR-*) plus overrides of
     its config fields.
 
-    None keeps the registry value. vocab_size, block_size and num_classes always come from the
-    data set. Dropouts default to the published recipe. The last fields belong to one family and
+    None keeps the registry value. vocab_size, block_size and the condition's fields (num_classes,
+    or model_type, caption_dim and cls_token_num) always come from the data set. Dropouts default to the published recipe. The last fields belong to one family and
     must stay None for the other: `cls_rope` (ARPG), `regions` and `drop_path_rate` (LlamaGen/PAR).
     """
 
@@ -68,11 +69,11 @@ class ModelSettings:
         """The family of the registered size `name`."""
         return models.FAMILIES[models.MODEL_SIZES[self.name][0]]
 
-    def model_config(self, vocab_size: int, block_size: int, num_classes: int) -> Any:
-        """The model family's config for data of this vocabulary, grid and class count."""
+    def model_config(self, vocab_size: int, block_size: int, condition: Condition) -> Any:
+        """The model family's config for data of this vocabulary, grid and condition."""
         overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
         return models.model_config(self.name, vocab_size=vocab_size, block_size=block_size,
-                            num_classes=num_classes, **overrides)
+                                   **condition.config_fields(), **overrides)
 
 
 @dataclass
@@ -243,7 +244,9 @@ def resolve(config: TrainConfig, dataset: Any) -> TrainConfig:
         tokenizer = "pixel" if dataset.tokenizer.startswith("pixel") else "vq16"
         if tokenizer == "vq16" and not vq_ckpt:
             vq_ckpt = dataset.tokenizer_file or ""
-    classes = s.classes if s.classes is not None else list(range(min(10, dataset.num_classes)))
+    classes = s.classes
+    if classes is None and dataset.num_classes is not None:
+        classes = list(range(min(10, dataset.num_classes)))
     sample = dataclasses.replace(s, tokenizer=tokenizer, vq_ckpt=vq_ckpt, classes=classes)
     return dataclasses.replace(config, name=name, out_dir=config.out_dir or f"runs/{name}", sample=sample)
 
@@ -267,9 +270,11 @@ def plan_run(config: TrainConfig, dataset: Any) -> RunPlan:
     h, w = dataset.grid_size
     require(o.batch_size <= len(dataset),
             f"optim.batch_size must be <= the data set size {len(dataset)}, got {o.batch_size}")
-    model_config = config.model.model_config(dataset.codebook_size, h * w, dataset.num_classes)
+    model_config = config.model.model_config(dataset.codebook_size, h * w, dataset.condition)
     wants_grids = s.tokenizer != "none" and s.per_class > 0
     if wants_grids:
+        require(dataset.num_classes is not None, "sample: the grids show classes, and this data has none "
+                                                 "(captions); set sample.per_class=0")
         require(all(c < dataset.num_classes for c in s.classes),
                 f"sample.classes must be class ids in [0, {dataset.num_classes}) (the data's classes), got {s.classes}")
         require(s.tokenizer != "pixel_digits" or dataset.codebook_size == 17,

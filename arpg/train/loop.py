@@ -307,19 +307,21 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             for a in range(accum):
-                tokens, labels = next(micro_batches)
-                raw_model.check_inputs(tokens, labels)  # on the CPU, so the forward needs no device sync
-                tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                tokens, conditions = next(micro_batches)
+                raw_model.check_inputs(tokens, conditions)  # on the CPU, so the forward needs no device sync
+                tokens = tokens.to(device, non_blocking=True)
+                conditions = raw_model.condition.to(conditions, device, non_blocking=True)
                 generator = _micro_batch_generator(config, run.step, rank * accum + a, device)
                 # The draws the forward would make, in its order (ARPG's order, random unless set: a
                 # permutation by construction; then class dropout), made here because torch.compile
                 # cannot trace draws from a generator.
                 order = {} if fixed_order else {
                     "order": make_order(config.order or "random", micro, h, w, generator=generator, device=device)}
-                labels = raw_model.condition.drop(labels, plan.model_config.class_dropout_prob, generator)
+                conditions = raw_model.condition.drop(conditions, plan.model_config.class_dropout_prob, generator)
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
-                    _, loss = train_model(tokens, labels, check=False, drop_labels=False, return_logits=False, **order)
+                    _, loss = train_model(tokens, conditions, check=False, drop_labels=False, return_logits=False,
+                                          **order)
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
             # Without clipping (max norm inf) the norm is still measured: the guard checks it.

@@ -291,6 +291,8 @@ class Run:
         state = self.ema.state_dict(keep=self.accelerator.is_main_process)
         if state is None:
             return None
+        # The EMA averages the parameters; buffers (a text model's null caption) are the model's own.
+        state.update((name, buffer.detach().cpu()) for name, buffer in self.raw_model.named_buffers())
         with torch.device("meta"):
             model = build_model(self.model_config)
         model.load_state_dict(state, assign=True)
