@@ -20,6 +20,7 @@ in `arpg.models.layers`.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -499,28 +500,55 @@ def _static_predict(model: ARPG, cache: KVCache, target_rope: Rotation, visible:
 
 
 @functools.cache
-def _compiled(fn: Callable, mode: Optional[str], dynamic: bool) -> Callable:
-    return torch.compile(fn, mode=mode, dynamic=dynamic)
+def _compiled(fn: Callable, mode: Optional[str]) -> Callable:
+    """`fn` compiled once per process; the sizes that vary between steps are marked dynamic by
+    the decoder (`_mark_step_size`), everything else is traced static."""
+    return torch.compile(fn, mode=mode)
+
+
+def _mark_step_size(tensor: Tensor, dim: int) -> None:
+    """Trace `dim` of `tensor` (a padded step size, >= 2) as a symbol: one graph for every bucket."""
+    torch._dynamo.mark_dynamic(tensor, dim)
+
+
+# The caches of compiled decodes, per model: {(dtype, device): KVCache}.
+_COMPILED_CACHES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _reusable_cache(model: ARPG, batch: int, max_len: int, dtype: Optional[torch.dtype]) -> KVCache:
-    """The cache of compiled static decodes: one per model and shape, kept on the model and reused
-    by every decode, because CUDA graphs capture its addresses (marked static for torch.compile).
-    Its decode weights are refreshed in place when the parameters changed since."""
+    """The cache of compiled decodes: one per model, dtype and device, reused by every compiled
+    decode, because the compiled steps trace its shapes statically and CUDA graphs capture its
+    addresses (marked static for torch.compile). A decode of fewer rows or positions runs in it
+    (padded); a larger one replaces it, freeing the old one first. Its decode weights are
+    refreshed in place when the parameters changed since (see `release_compiled_caches`)."""
     dtype = dtype or model.head.weight.dtype
-    pool = model.__dict__.setdefault("_static_decode_caches", {})
-    key = (batch, max_len, dtype, model.head.weight.device)
-    cache, version = pool.get(key), _parameter_version(model)
-    if cache is None:
+    pool = _COMPILED_CACHES.setdefault(model, {})
+    key = (dtype, model.head.weight.device)
+    cache = pool.get(key)
+    if cache is None or cache.self_k.shape[1] < batch or cache.max_len < max_len:
+        if cache is not None:
+            batch, max_len = max(batch, cache.self_k.shape[1]), max(max_len, cache.max_len)
+            del pool[key], cache
         cache = pool[key] = model.new_cache(batch, max_len=max_len, dtype=dtype)
         for tensor in cache.tensors():
             torch._dynamo.mark_static_address(tensor)
-    elif cache.version != version:
+    elif cache.version != _parameter_version(model):
         with torch.no_grad():
             for kept, fresh in zip(_leaves(cache.weights), _leaves(model.decode_weights(dtype))):
-                kept.copy_(fresh)
-    cache.version, cache.length = version, 0
+                if kept.data_ptr() != fresh.data_ptr():  # an uncast weight is the parameter itself
+                    kept.copy_(fresh)
+    cache.version, cache.length = _parameter_version(model), 0
     return cache
+
+
+def release_compiled_caches(model: Optional[nn.Module] = None) -> None:
+    """Free the KV caches kept for compiled decodes of `model` (default: of every model), e.g.
+    before measuring another decode's peak memory. The next compiled decode allocates a new one
+    (CUDA graphs then record again once)."""
+    if model is None:
+        _COMPILED_CACHES.clear()
+    else:
+        _COMPILED_CACHES.pop(model, None)
 
 
 def _parameter_version(model: nn.Module) -> tuple:
@@ -534,9 +562,15 @@ def _batch_rope(rope: Tensor, batch: int) -> Tensor:
 
 
 def query_bucket(n: int) -> int:
-    """The padded size of a static step of n queries: the next power of two, so a decode of T
-    tokens compiles at most log2(T) + 1 shapes per function."""
-    return 1 << (n - 1).bit_length()
+    """The padded size of a static step of n queries: the next power of two, at least 2 (a
+    compile would trace a size of 1 as a constant: a graph of its own), so a decode of T tokens
+    runs at most log2(T) shapes per function, all in one compiled graph."""
+    return max(2, 1 << (n - 1).bit_length())
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """x (r, ...) -> (rows, ...), repeating row 0 (a valid input whose results are dropped)."""
+    return x if x.shape[0] == rows else torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
 
 
 class _StaticStep(NamedTuple):
@@ -570,15 +604,18 @@ class ARPGDecoder:
             block-wise (published).
         use_cache: False recomputes the whole prefix at every step with the attention pattern the
             cache builds up (same logits, slow; for tests and benchmarks).
-        compile: torch.compile the cached step (dynamic shapes; with `static`, fixed shapes and
-            CUDA graphs on CUDA, mode "reduce-overhead").
+        compile: torch.compile the fixed-shape steps (see `static`; the only shapes a compile
+            reuses from step to step): one graph for extending and one for predicting, whatever
+            the schedule. Their cache is kept for the next compiled decode (`_reusable_cache`):
+            a later batch of as many rows or fewer runs in it (padded), with no new graph.
         cache_dtype: dtype of the KV cache and of the decode weights (default: the weights').
         static: fixed-shape steps: attention over the whole preallocated cache under a validity
             mask, fed tokens and queries padded to `query_bucket` sizes. Same tokens as the
-            dynamic steps; it exists so a compiled step replays without recompiling.
+            dynamic steps. With `compile` on CUDA, the steps replay as CUDA graphs (mode
+            "reduce-overhead").
         query_open: every step queries all N - start targets not yet fed (its own first), and a
             position selector picks which of them the step commits (see `reorder_open`). Not
-            with `static` (the number of open targets shrinks every step).
+            with `static` or `compile` (the number of open targets shrinks every step).
 
     With `query_open`, the decode order is not fixed up front: after step s the caller passes
     `reorder_open` the arrangement of the open targets that puts the committed ones first, and
@@ -590,8 +627,9 @@ class ARPGDecoder:
                  context_ids: Optional[Tensor] = None, context_rope: Optional[Tensor] = None,
                  causal_within_step: bool = False, use_cache: bool = True, compile: bool = False,
                  cache_dtype: Optional[torch.dtype] = None, static: bool = False, query_open: bool = False):
-        require(not (static and query_open), "static=True decodes a fixed plan of positions; confidence-guided "
-                                             "positions query every open position: set static=False with them")
+        require(not ((static or compile) and query_open),
+                "static=True and compile=True decode a fixed plan of positions; confidence-guided positions query "
+                "every open position: set static=False and compile=False with them")
         rows, device = conditions.shape[0], conditions.device
         self.model, self.causal, self.query_open = model, causal_within_step, query_open
         self.tokens_per_step = list(tokens_per_step)
@@ -615,28 +653,36 @@ class ARPGDecoder:
             self.visible = block_causal_mask(groups, causal_within_step, device)  # (L, L)
             self.length = prefilled
             return
-        self.targets = rotation(target_rope)  # (rows, N, D/2), sliced per step
+        self.rows = rows
         self.graphs = static and compile and device.type == "cuda"
-        if static:
-            pad = query_bucket(max(tokens_per_step))
+        if static or compile:
+            # Room for every token of the canvas and the write of the padded rows (at the last
+            # position, never visible): one size for every schedule.
+            max_len = prefilled + self.ends[-1]
             if compile:
-                self.cache = _reusable_cache(model, rows, max_len + pad, cache_dtype)
+                self.cache = _reusable_cache(model, rows, max_len, cache_dtype)
             else:
-                self.cache = model.new_cache(rows, max_len=max_len + pad, dtype=cache_dtype)
-            self.static_steps = self._static_plan(prefilled, pad, device)
+                self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
+            cache_rows = self.cache.self_k.shape[1]  # more than rows when a larger batch made the cache
+            prefill = [(_pad_rows(ids, cache_rows), _pad_rows(rope, cache_rows)) for ids, rope in prefill]
+            self.targets = rotation(_pad_rows(target_rope, cache_rows))  # (cache rows, N, D/2)
+            self.static_steps = self._static_plan(prefilled, device)
             # One compile serves every bucket (sizes are symbolic); CUDA graphs record one graph per bucket.
             mode = "reduce-overhead" if self.graphs else None
-            self.extend_fn = _compiled(_static_extend, mode, True) if compile else _static_extend
-            self.predict_fn = _compiled(_static_predict, mode, True) if compile else _static_predict
+            self.extend_fn = _compiled(_static_extend, mode) if compile else _static_extend
+            self.predict_fn = _compiled(_static_predict, mode) if compile else _static_predict
         else:
+            self.targets = rotation(target_rope)  # (rows, N, D/2), sliced per step
             self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
-            self.step_fn = _compiled(_extend_and_predict, None, True) if compile else _extend_and_predict
+            self.step_fn = _extend_and_predict
         for ids, rope in prefill:
             model.extend(ids, rope, self.cache, causal=self.causal)
 
-    def _static_plan(self, prefilled: int, pad: int, device: torch.device) -> list[_StaticStep]:
+    def _static_plan(self, prefilled: int, device: torch.device) -> list[_StaticStep]:
         """The padded inputs of every step, made once: rotations padded with zero rows, the cache
-        positions each step writes and the masks of what its fed tokens and its queries see."""
+        positions each step writes (padded rows: the last position, never visible) and the masks
+        of what its fed tokens and its queries see. Bucket sizes are marked dynamic for the compile."""
+        pad = query_bucket(max(self.tokens_per_step))
         targets = Rotation(F.pad(self.targets.turns, (0, 0, 0, pad)))  # (rows, N + pad, D/2)
         keys = torch.arange(self.cache.max_len, device=device)  # (S,)
         steps, written = [], prefilled
@@ -647,13 +693,19 @@ class ARPGDecoder:
             if fed:
                 bucket = query_bucket(fed)
                 fed_rope = targets.slice(first - fed, first - fed + bucket)
-                positions = torch.arange(written, written + bucket, device=device)
+                slots = torch.arange(written, written + bucket, device=device)
+                positions = slots.masked_fill(slots >= written + fed, self.cache.max_len - 1)
                 # block-wise: everything up to the last fed token; causal: up to the token itself
-                limit = positions[:, None] if self.causal else torch.tensor([[written + fed - 1]], device=device)
+                limit = slots[:, None] if self.causal else torch.tensor([[written + fed - 1]], device=device)
                 fed_visible = keys[None, :] <= limit
                 written += fed
-            steps.append(_StaticStep(fed, fed_rope, positions, fed_visible, m,
-                                     targets.slice(first, first + query_bucket(m)), keys[None, :] < written))
+                _mark_step_size(fed_rope.turns, 1)
+                _mark_step_size(positions, 0)
+                if self.causal:  # block-wise, fed_visible is (1, S)
+                    _mark_step_size(fed_visible, 0)
+            target_rope = targets.slice(first, first + query_bucket(m))
+            _mark_step_size(target_rope.turns, 1)
+            steps.append(_StaticStep(fed, fed_rope, positions, fed_visible, m, target_rope, keys[None, :] < written))
         return steps
 
     def reorder_open(self, order: Tensor) -> None:
@@ -677,10 +729,11 @@ class ARPGDecoder:
             if self.graphs:  # a new iteration: the previous step's graph outputs are consumed
                 torch.compiler.cudagraph_mark_step_begin()
             if fed is not None:
-                ids = F.pad(fed, (0, plan.positions.shape[0] - plan.fed))
+                ids = F.pad(_pad_rows(fed, self.targets.turns.shape[0]), (0, plan.positions.shape[0] - plan.fed))
+                _mark_step_size(ids, 1)
                 self.extend_fn(self.model, self.cache, ids, plan.fed_rope, plan.positions, plan.fed_visible)
             logits = self.predict_fn(self.model, self.cache, plan.target_rope, plan.target_visible)
-            return logits[:, :plan.targets].contiguous()  # (rows, n, V); the sampler works in place
+            return logits[:self.rows, :plan.targets].contiguous()  # (rows, n, V); the sampler works in place
         before = self.ends[step - 2] if step > 1 else 0
         if self.cache is not None:
             fed_rope = self.targets.slice(before, start) if fed is not None else None
