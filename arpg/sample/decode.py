@@ -170,11 +170,7 @@ def decode_plan(model: nn.Module, options: SamplingOptions, batch: int,
         require(options.schedule is None or options.schedule == rules.schedule,
                 f"schedule: {name} decodes with its own schedule ({rules.schedule!r}); leave schedule unset")
         steps = None  # its schedule fixes them (options.steps is checked against the plan below)
-    if isinstance(order, Tensor) or len(parts) == 1:
-        plan = make_plan(order, batch, h, w, steps, schedule, parts[0][1] if len(parts) == 1 else None, device)
-    else:
-        plans = [make_plan(order, rows, h, w, steps, schedule, g, device) for rows, g in parts]
-        plan = DecodePlan(torch.cat([p.order for p in plans]), plans[0].tokens_per_step)
+    plan = make_plan(order, batch, h, w, steps, schedule, device=device, parts=parts)
     require(not rules.fixed or options.steps is None or options.steps == plan.num_steps,
             f"steps: {model.system} decodes in {plan.num_steps} steps here; leave steps unset")
     return plan
