@@ -269,8 +269,10 @@ def test_locality_plan_per_sample_generators_runs_one_batched_greedy(monkeypatch
     locality = orders.locality_order
     monkeypatch.setattr(orders, "locality_order", lambda priority, *a, **k: calls.append(priority.shape[0])
                         or locality(priority, *a, **k))
-    parts = [(1, torch.Generator().manual_seed(seed)) for seed in range(4)]
-    plan = make_plan("locality", 4, 4, 4, 5, "arccos", parts=parts)
+    def parts():
+        return [(1, torch.Generator().manual_seed(seed)) for seed in range(4)]
+
+    plan = make_plan("locality", 4, 4, 4, 5, "arccos", parts=parts())
     assert calls == [4]
     alone = [make_plan("locality", 1, 4, 4, 5, "arccos", torch.Generator().manual_seed(seed)).order for seed in range(4)]
     assert torch.equal(plan.order, torch.cat(alone))
@@ -282,7 +284,7 @@ def test_locality_plan_per_sample_generators_runs_one_batched_greedy(monkeypatch
 
     sampler_model = SimpleNamespace(decode_rules=orders.DecodeRules("random", 5, "arccos"), grid=(4, 4), system="ARPG")
     calls.clear()
-    planned = decode_plan(sampler_model, SamplingOptions(order="locality"), 4, parts, torch.device("cpu"))
+    planned = decode_plan(sampler_model, SamplingOptions(order="locality"), 4, parts(), torch.device("cpu"))
     assert calls == [4] and torch.equal(planned.order, plan.order)
     with pytest.raises(ValueError, match="parts"):
-        make_plan("random", 3, 4, 4, 5, parts=parts)
+        make_plan("random", 3, 4, 4, 5, parts=parts())
