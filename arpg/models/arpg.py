@@ -482,14 +482,6 @@ def _as_rotation(rope: Tensor | Rotation) -> Rotation:
 # The step engine of the sampler
 # ---------------------------------------------------------------------------------------------
 
-def _extend_and_predict(model: ARPG, cache: KVCache, ids: Optional[Tensor], rope: Optional[Rotation],
-                        target_rope: Rotation, causal: bool) -> Tensor:
-    """One cached step: feed ids (B, n) at their rotation, then predict the targets -> (B, m, V)."""
-    if ids is not None:
-        model.extend(ids, rope, cache, causal=causal)
-    return model.predict(target_rope, cache)
-
-
 def _static_extend(model: ARPG, cache: KVCache, ids: Tensor, rope: Rotation, positions: Tensor,
                    visible: Tensor) -> None:
     model.extend(ids, rope, cache, positions=positions, visible=visible)
@@ -573,6 +565,10 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
     return x if x.shape[0] == rows else torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
 
 
+# The float32 logits of open targets a query_open step holds at once (see `ARPGDecoder`).
+OPEN_LOGITS_BYTES = 256 * 2**20
+
+
 class _StaticStep(NamedTuple):
     """The fixed-shape inputs of one static step, made before the loop (no host work inside it)."""
 
@@ -614,8 +610,11 @@ class ARPGDecoder:
             dynamic steps. With `compile` on CUDA, the steps replay as CUDA graphs (mode
             "reduce-overhead").
         query_open: every step queries all N - start targets not yet fed (its own first), and a
-            position selector picks which of them the step commits (see `reorder_open`). Not
-            with `static` or `compile` (the number of open targets shrinks every step).
+            position selector picks which of them the step commits (see `reorder_open`); the
+            call then returns an iterator over the open targets' logits in chunks of at most
+            `OPEN_LOGITS_BYTES` (batch 64 with guidance and 16384 codes: 32 targets, 256 MiB,
+            instead of 2 GiB for all 256 at step 0, and as much for each copy). Not with `static` or `compile` (the number
+            of open targets shrinks every step).
 
     With `query_open`, the decode order is not fixed up front: after step s the caller passes
     `reorder_open` the arrangement of the open targets that puts the committed ones first, and
@@ -632,6 +631,7 @@ class ARPGDecoder:
                 "every open position: set static=False and compile=False with them")
         rows, device = conditions.shape[0], conditions.device
         self.model, self.causal, self.query_open = model, causal_within_step, query_open
+        self.open_chunk = max(1, OPEN_LOGITS_BYTES // (4 * rows * model.config.vocab_size))
         self.tokens_per_step = list(tokens_per_step)
         self.ends = [sum(tokens_per_step[:i + 1]) for i in range(len(tokens_per_step))]
         self.step = 0
@@ -674,7 +674,6 @@ class ARPGDecoder:
         else:
             self.targets = rotation(target_rope)  # (rows, N, D/2), sliced per step
             self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
-            self.step_fn = _extend_and_predict
         for ids, rope in prefill:
             model.extend(ids, rope, self.cache, causal=self.causal)
 
@@ -723,7 +722,6 @@ class ARPGDecoder:
         step = self.step
         self.step += 1
         start = self.ends[step - 1] if step else 0
-        end = None if self.query_open else self.ends[step]  # query_open: every open target
         if self.static_steps is not None:
             plan = self.static_steps[step]
             if self.graphs:  # a new iteration: the previous step's graph outputs are consumed
@@ -734,15 +732,29 @@ class ARPGDecoder:
                 self.extend_fn(self.model, self.cache, ids, plan.fed_rope, plan.positions, plan.fed_visible)
             logits = self.predict_fn(self.model, self.cache, plan.target_rope, plan.target_visible)
             return logits[:self.rows, :plan.targets].contiguous()  # (rows, n, V); the sampler works in place
-        before = self.ends[step - 2] if step > 1 else 0
+        predict = self._feed(fed, self.ends[step - 2] if step > 1 else 0, start)
+        if not self.query_open:
+            return predict(start, self.ends[step])
+        total = self.ends[-1]
+        return (predict(a, min(a + self.open_chunk, total)) for a in range(start, total, self.open_chunk))
+
+    def _feed(self, fed: Optional[Tensor], before: int, start: int) -> Callable[[int, int], Tensor]:
+        """Feed the tokens of targets [before, start) (dynamic shapes); returns predict(a, b): the
+        logits (rows, b - a, V) of targets [a, b) given everything fed."""
         if self.cache is not None:
-            fed_rope = self.targets.slice(before, start) if fed is not None else None
-            return self.step_fn(self.model, self.cache, fed, fed_rope, self.targets.slice(start, end), self.causal)
+            if fed is not None:
+                self.model.extend(fed, self.targets.slice(before, start), self.cache, causal=self.causal)
+
+            def predict(a: int, b: int) -> Tensor:
+                return self.model.predict(self.targets.slice(a, b), self.cache)
+            return predict
         if fed is not None:
             self.ids[:, self.length:self.length + fed.shape[1]] = fed
             self.rope[:, self.length:self.length + fed.shape[1]] = self.target_rope[:, before:start]  # maybe reordered
             self.length += fed.shape[1]
         L = self.length
-        k, v = self.model.content_kv(self.ids[:, :L], self.rope[:, :L], is_causal=False,
-                                     attn_mask=self.visible[:L, :L])
-        return self.model.target_logits(k, v, self.target_rope[:, start:end], is_causal=False)
+        k, v = self.model.content_kv(self.ids[:, :L], self.rope[:, :L], is_causal=False, attn_mask=self.visible[:L, :L])
+
+        def recompute(a: int, b: int) -> Tensor:
+            return self.model.target_logits(k, v, self.target_rope[:, a:b], is_causal=False)
+        return recompute

@@ -25,7 +25,7 @@ How one decode runs (`decode`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -46,8 +46,9 @@ from arpg.sample.positions import PositionSelector, position_selector
 Choose = Callable[[int, slice | Tensor, Tensor], Tensor]
 # StepEngine(fed): the float32 logits (rows, n, V) of the next step's positions, given the tokens
 # (rows, m) chosen at the previous step (None at the first step). Built with `query_open`, it
-# returns the logits of all open positions and has `reorder_open` (see ARPGDecoder).
-StepEngine = Callable[[Optional[Tensor]], Tensor]
+# returns an iterator over the logits of all open positions, in chunks along the positions, and
+# has `reorder_open` (see ARPGDecoder).
+StepEngine = Callable[[Optional[Tensor]], Tensor | Iterator[Tensor]]
 Generators = Optional[torch.Generator | Sequence[torch.Generator]]
 
 
@@ -116,23 +117,34 @@ def decode(model: nn.Module, conditions: Tensor, make_engine: Callable[[Tensor, 
     # decode slot -> target; a selector rearranges the open slots after each step
     arrangement = torch.arange(N, device=device).repeat(B, 1) if select is not None else None
     use_amp = use_bf16(options.amp, device)
+
+    def guide(logits: Tensor, step: int) -> Tensor:
+        """(rows, m, V) -> (B, m, V): uncond + (cond - uncond) * scale, in place in the cond rows."""
+        if not guided:
+            return logits
+        return logits[:B].sub_(logits[B:]).mul_(scales[step]).add_(logits[B:])
+
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         engine = make_engine(conditions, torch.bfloat16 if use_amp else next(model.parameters()).dtype)
         start, fed = 0, None
         for step, n in enumerate(tqdm(tokens_per_step, desc="decoding", unit="step", leave=False,
                                       disable=not progress)):
             end = start + n
-            logits = engine(fed)  # (rows, n, V) float32
-            if guided:  # uncond + (cond - uncond) * scale, in place in the cond rows
-                logits = logits[:B].sub_(logits[B:]).mul_(scales[step]).add_(logits[B:])
             if select is None:
-                tokens = choose(step, slice(start, end), logits)  # (B, n)
+                tokens = choose(step, slice(start, end), guide(engine(fed), step))  # (B, n)
             else:
                 open_targets = arrangement[:, start:]  # (B, N - start)
-                drawn = choose(step, open_targets, logits.clone())  # a token for every open target
-                order = select(step, n, open_targets, logits, drawn)  # (B, N - start), committed first
+                drawn, scores, done = [], [], 0
+                for logits in engine(fed):  # (rows, m, V) of the next m open targets
+                    logits = guide(logits, step)
+                    targets = open_targets[:, done:done + logits.shape[1]]
+                    drawn.append(choose(step, targets, logits.clone()))  # a token for every open target
+                    scores.append(select.score(logits, drawn[-1]))
+                    done += logits.shape[1]
+                del logits  # one chunk of logits at a time
+                order = select(step, n, open_targets, torch.cat(scores, 1))  # (B, N - start), committed first
                 arrangement[:, start:] = open_targets.gather(1, order)
-                tokens = drawn.gather(1, order[:, :n])
+                tokens = torch.cat(drawn, 1).gather(1, order[:, :n])
                 engine.reorder_open(order)
             chosen[:B, start:end] = tokens
             if guided:
