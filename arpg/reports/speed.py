@@ -10,8 +10,13 @@ Decode modes (all with random weights, guidance on so the batch doubles, the sam
 
 * eager: the default cached decode (growing attention slice, fused projections).
 * static: fixed-shape steps (`SamplingOptions.static`); eager, so only a check of its cost.
-* compiled: torch.compile of the dynamic-shape step.
-* graphs: static + compile: CUDA graphs (mode "reduce-overhead") on CUDA, inductor on the CPU.
+* compiled: torch.compile of the fixed-shape steps (one graph for feeding, one for predicting).
+* graphs: static + compile: the same, replayed as CUDA graphs (mode "reduce-overhead") on CUDA.
+
+Every row starts with the caches of the rows before it freed (the kept KV cache of compiled
+decodes, cached CUDA blocks), and records its untimed first call (`warmup_s`: the compile, for
+compiled rows) and the memory still allocated at its start (`resident_mib`: the weights and
+compiled graphs' pools). The JSON is written after every row.
 
 Baseline rows (eager, float32 or the first precision): `raster_ar` decodes one token per step in
 raster order (classic autoregressive decoding with a KV cache); `no_cache` recomputes the prefix
