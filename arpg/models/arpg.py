@@ -613,8 +613,8 @@ class ARPGDecoder:
             position selector picks which of them the step commits (see `reorder_open`); the
             call then returns an iterator over the open targets' logits in chunks of at most
             `OPEN_LOGITS_BYTES` (batch 64 with guidance and 16384 codes: 32 targets, 256 MiB,
-            instead of 2 GiB for all 256 at step 0, and as much for each copy). Not with `static` or `compile` (the number
-            of open targets shrinks every step).
+            instead of 2 GiB for all 256 at step 0, and as much for each copy). Not with
+            `static` or `compile` (the number of open targets shrinks every step).
 
     With `query_open`, the decode order is not fixed up front: after step s the caller passes
     `reorder_open` the arrangement of the open targets that puts the committed ones first, and
