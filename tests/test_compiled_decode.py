@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import arpg.models.arpg as arpg_model
+import arpg.models.arpg_steps as arpg_steps
 import arpg.sample as sample
 from arpg.models import create_model
-from arpg.models.arpg import release_compiled_caches
+from arpg.models.arpg_steps import COMPILED_CACHES, release_compiled_caches
 
 GRID = 4
 T = GRID * GRID
@@ -31,11 +31,11 @@ def model():
 def fresh_compile():
     """No compiled code or kept cache from another test: counts start at zero."""
     torch._dynamo.reset()
-    arpg_model._compiled.cache_clear()
+    arpg_steps._compiled.cache_clear()
     release_compiled_caches()
     yield
     torch._dynamo.reset()
-    arpg_model._compiled.cache_clear()
+    arpg_steps._compiled.cache_clear()
     release_compiled_caches()
 
 
@@ -76,7 +76,7 @@ def test_inductor_compiled_decode_traces_two_graphs(model, fresh_compile):
 
 
 def _kept_caches(model):
-    return list(arpg_model._COMPILED_CACHES.get(model, {}).values())
+    return COMPILED_CACHES.kept(model)
 
 
 def test_one_kept_cache_per_model_whatever_the_schedule(model, traced_only):

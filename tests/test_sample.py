@@ -6,7 +6,7 @@ from PIL import Image
 
 import arpg.sample as sample
 from arpg import create_model
-from arpg.models.arpg import ARPGDecoder, query_bucket
+from arpg.models.arpg_steps import ARPGDecoder, query_bucket
 from arpg.orders import DecodePlan, decode_schedule, make_plan
 from arpg.sample import SamplingOptions, filter_logits
 from arpg.sample.decode import cfg_scales, decode, decode_grid

@@ -83,16 +83,16 @@ def test_speed_benchmark_dry_run(tmp_path):
 def test_benchmark_rows_start_with_no_cache_of_the_rows_before(tmp_path, monkeypatch):
     # A compiled row keeps its KV cache for the next compiled decode; the next row's peak memory
     # must not hold it. Compiled with dynamo's "eager" backend: the same caches, no kernels built.
-    import arpg.models.arpg as arpg_model
+    import arpg.models.arpg_steps as arpg_steps
     import arpg.reports.speed as speed
 
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: compile_(fn, backend="eager", **kw))
-    arpg_model._compiled.cache_clear()
+    arpg_steps._compiled.cache_clear()
     kept_at_row_start, timed = [], speed.timed
 
     def recording_timed(fn, device):
-        kept_at_row_start.append(sum(len(pool) for pool in arpg_model._COMPILED_CACHES.values()))
+        kept_at_row_start.append(sum(len(pool) for pool in arpg_steps.COMPILED_CACHES.pools.values()))
         return timed(fn, device)
 
     monkeypatch.setattr(speed, "timed", recording_timed)
@@ -105,7 +105,7 @@ def test_benchmark_rows_start_with_no_cache_of_the_rows_before(tmp_path, monkeyp
     assert [(r["mode"], r["steps"]) for r in rows] == [("graphs", 4), ("graphs", 2), ("eager", 4), ("eager", 2)]
     assert kept_at_row_start[::2] == [0, 0, 0, 0]  # each row's first (warm-up) call: nothing kept
     assert all(r["warmup_s"] > 0 for r in rows)
-    arpg_model._compiled.cache_clear()
+    arpg_steps._compiled.cache_clear()
 
 
 def test_gpu_check_dry_run_without_hydra(tmp_path):

@@ -10,7 +10,7 @@ One file, read top to bottom:
   by the position it must predict) attend causally to the shared K/V, so query k sees the class
   token and the first k content tokens of the order and predicts the token at `order[k]`.
 * `ARPG`: the model, its teacher-forced `forward`, and the cached step-wise entry points
-  (`new_cache`, `extend`, `predict`) that `ARPGDecoder` drives for the sampler.
+  (`new_cache`, `extend`, `predict`) that the step engines (`arpg.models.arpg_steps`) drive.
 
 The module tree and parameter names equal the published implementation's, so its checkpoints load
 with `strict=True` (see `arpg.checkpoint`). The shared math (RMSNorm, SwiGLU, RoPE, attention) is
@@ -19,9 +19,7 @@ in `arpg.models.layers`.
 
 from __future__ import annotations
 
-import functools
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -32,9 +30,10 @@ from torch import Tensor
 
 from arpg.condition import ClassCondition
 from arpg.errors import require
+from arpg.models.arpg_steps import ARPGDecoder
 from arpg.models.base import GridGenerator, TransformerConfig
 from arpg.orders import DecodeRules, random_order
-from arpg.models.layers import (FeedForward, RMSNorm, Rotation, attention, block_causal_mask, merge_heads,
+from arpg.models.layers import (FeedForward, RMSNorm, Rotation, attention, merge_heads,
                                 published_init_, raster_rope, rms_norm, rotate, rotation, split_heads, swiglu,
                                 write_cache, write_cache_at)
 
@@ -256,6 +255,14 @@ class KVCache:
         """Every tensor the decode steps read or write in place (for `torch._dynamo.mark_static_address`)."""
         return [self.self_k, self.self_v, self.shared_k, self.shared_v, *_leaves(self.weights)]
 
+    @torch.no_grad()
+    def refresh_weights(self, weights: DecodeWeights) -> None:
+        """Copy fresh decode weights into this cache's in place (their addresses stay, as CUDA
+        graphs captured them); a weight that is the parameter itself (not cast) is left alone."""
+        for kept, fresh in zip(_leaves(self.weights), _leaves(weights)):
+            if kept.data_ptr() != fresh.data_ptr():
+                kept.copy_(fresh)
+
 
 def _leaves(tree) -> list[Tensor]:
     if isinstance(tree, Tensor):
@@ -476,285 +483,3 @@ class ARPG(GridGenerator):
 
 def _as_rotation(rope: Tensor | Rotation) -> Rotation:
     return rope if isinstance(rope, Rotation) else rotation(rope)
-
-
-# ---------------------------------------------------------------------------------------------
-# The step engine of the sampler
-# ---------------------------------------------------------------------------------------------
-
-def _static_extend(model: ARPG, cache: KVCache, ids: Tensor, rope: Rotation, positions: Tensor,
-                   visible: Tensor) -> None:
-    model.extend(ids, rope, cache, positions=positions, visible=visible)
-
-
-def _static_predict(model: ARPG, cache: KVCache, target_rope: Rotation, visible: Tensor) -> Tensor:
-    return model.predict(target_rope, cache, visible=visible)
-
-
-@functools.cache
-def _compiled(fn: Callable, mode: Optional[str]) -> Callable:
-    """`fn` compiled once per process; the sizes that vary between steps are marked dynamic by
-    the decoder (`_mark_step_size`), everything else is traced static."""
-    return torch.compile(fn, mode=mode)
-
-
-def _mark_step_size(tensor: Tensor, dim: int) -> None:
-    """Trace `dim` of `tensor` (a padded step size, >= 2) as a symbol: one graph for every bucket."""
-    torch._dynamo.mark_dynamic(tensor, dim)
-
-
-# The caches of compiled decodes, per model: {(dtype, device): KVCache}.
-_COMPILED_CACHES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
-
-
-def _reusable_cache(model: ARPG, batch: int, max_len: int, dtype: Optional[torch.dtype]) -> KVCache:
-    """The cache of compiled decodes: one per model, dtype and device, reused by every compiled
-    decode, because the compiled steps trace its shapes statically and CUDA graphs capture its
-    addresses (marked static for torch.compile). A decode of fewer rows or positions runs in it
-    (padded); a larger one replaces it, freeing the old one first. Its decode weights are
-    refreshed in place when the parameters changed since (see `release_compiled_caches`)."""
-    dtype = dtype or model.head.weight.dtype
-    pool = _COMPILED_CACHES.setdefault(model, {})
-    key = (dtype, model.head.weight.device)
-    cache = pool.get(key)
-    if cache is None or cache.self_k.shape[1] < batch or cache.max_len < max_len:
-        if cache is not None:
-            batch, max_len = max(batch, cache.self_k.shape[1]), max(max_len, cache.max_len)
-            del pool[key], cache
-        cache = pool[key] = model.new_cache(batch, max_len=max_len, dtype=dtype)
-        for tensor in cache.tensors():
-            torch._dynamo.mark_static_address(tensor)
-    elif cache.version != _parameter_version(model):
-        with torch.no_grad():
-            for kept, fresh in zip(_leaves(cache.weights), _leaves(model.decode_weights(dtype))):
-                if kept.data_ptr() != fresh.data_ptr():  # an uncast weight is the parameter itself
-                    kept.copy_(fresh)
-    cache.version, cache.length = _parameter_version(model), 0
-    return cache
-
-
-def release_compiled_caches(model: Optional[nn.Module] = None) -> None:
-    """Free the KV caches kept for compiled decodes of `model` (default: of every model), e.g.
-    before measuring another decode's peak memory. The next compiled decode allocates a new one
-    (CUDA graphs then record again once)."""
-    if model is None:
-        _COMPILED_CACHES.clear()
-    else:
-        _COMPILED_CACHES.pop(model, None)
-
-
-def _parameter_version(model: nn.Module) -> tuple:
-    """Changes whenever a parameter is replaced or modified in place."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
-def _batch_rope(rope: Tensor, batch: int) -> Tensor:
-    """RoPE (1 or b, n, D/2, 2) -> (batch, n, D/2, 2), repeating a per-sample table for the guidance rows."""
-    return rope.expand(batch, -1, -1, -1) if rope.shape[0] == 1 else rope.repeat(batch // rope.shape[0], 1, 1, 1)
-
-
-def query_bucket(n: int) -> int:
-    """The padded size of a static step of n queries: the next power of two, at least 2 (a
-    compile would trace a size of 1 as a constant: a graph of its own), so a decode of T tokens
-    runs at most log2(T) shapes per function, all in one compiled graph."""
-    return max(2, 1 << (n - 1).bit_length())
-
-
-def _pad_rows(x: Tensor, rows: int) -> Tensor:
-    """x (r, ...) -> (rows, ...), repeating row 0 (a valid input whose results are dropped)."""
-    return x if x.shape[0] == rows else torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
-
-
-# The float32 logits of open targets a query_open step holds at once (see `ARPGDecoder`).
-OPEN_LOGITS_BYTES = 256 * 2**20
-
-
-class _StaticStep(NamedTuple):
-    """The fixed-shape inputs of one static step, made before the loop (no host work inside it)."""
-
-    fed: int  # tokens fed at this step (0 at the first)
-    fed_rope: Optional[Rotation]  # (rows, bucket(fed), D)
-    positions: Optional[Tensor]  # (bucket(fed),) cache positions written
-    fed_visible: Optional[Tensor]  # (bucket(fed)|1, S) what the fed tokens see
-    targets: int
-    target_rope: Rotation  # (rows, bucket(targets), D)
-    target_visible: Tensor  # (1, S)
-
-
-class ARPGDecoder:
-    """The forward passes of one ARPG decode: call it with the tokens chosen at the previous step
-    (None at the first) and it returns the float32 logits (rows, n, V) of this step's targets.
-
-    Step 0 feeds the condition token alone (it sees only itself, as in training), then the
-    context tokens when editing; step s > 0 feeds the tokens chosen at step s - 1 at their own
-    positions, then one content-free query per target of step s reads everything fed so far.
-    The RoPE rotations of every position are computed once, and the cache carries the decode
-    weights (fused projections, see `ARPG.decode_weights`).
-
-    Args:
-        conditions: (rows,) labels, `ClassCondition.NULL` for unconditional rows.
-        target_rope: (rows|b|1, N, D/2, 2) RoPE of the N positions to decode, in decode order.
-        tokens_per_step: how many targets each step predicts (sums to N).
-        context_ids, context_rope: (rows, K) known tokens and their RoPE, fed after the condition.
-        causal_within_step: tokens fed in one step attend causally (training-like) instead of
-            block-wise (published).
-        use_cache: False recomputes the whole prefix at every step with the attention pattern the
-            cache builds up (same logits, slow; for tests and benchmarks).
-        compile: torch.compile the fixed-shape steps (see `static`; the only shapes a compile
-            reuses from step to step): one graph for extending and one for predicting, whatever
-            the schedule. Their cache is kept for the next compiled decode (`_reusable_cache`):
-            a later batch of as many rows or fewer runs in it (padded), with no new graph.
-        cache_dtype: dtype of the KV cache and of the decode weights (default: the weights').
-        static: fixed-shape steps: attention over the whole preallocated cache under a validity
-            mask, fed tokens and queries padded to `query_bucket` sizes. Same tokens as the
-            dynamic steps. With `compile` on CUDA, the steps replay as CUDA graphs (mode
-            "reduce-overhead").
-        query_open: every step queries all N - start targets not yet fed (its own first), and a
-            position selector picks which of them the step commits (see `reorder_open`); the
-            call then returns an iterator over the open targets' logits in chunks of at most
-            `OPEN_LOGITS_BYTES` (batch 64 with guidance and 16384 codes: 32 targets, 256 MiB,
-            instead of 2 GiB for all 256 at step 0, and as much for each copy). Not with
-            `static` or `compile` (the number of open targets shrinks every step).
-
-    With `query_open`, the decode order is not fixed up front: after step s the caller passes
-    `reorder_open` the arrangement of the open targets that puts the committed ones first, and
-    step s + 1 feeds those (the cache stays incremental; only the guided half runs for the
-    queries that are not committed).
-    """
-
-    def __init__(self, model: ARPG, conditions: Tensor, target_rope: Tensor, tokens_per_step: Sequence[int],
-                 context_ids: Optional[Tensor] = None, context_rope: Optional[Tensor] = None,
-                 causal_within_step: bool = False, use_cache: bool = True, compile: bool = False,
-                 cache_dtype: Optional[torch.dtype] = None, static: bool = False, query_open: bool = False):
-        require(not ((static or compile) and query_open),
-                "static=True and compile=True decode a fixed plan of positions; confidence-guided positions query "
-                "every open position: set static=False and compile=False with them")
-        rows, device = conditions.shape[0], conditions.device
-        self.model, self.causal, self.query_open = model, causal_within_step, query_open
-        self.open_chunk = max(1, OPEN_LOGITS_BYTES // (4 * rows * model.config.vocab_size))
-        self.tokens_per_step = list(tokens_per_step)
-        self.ends = [sum(tokens_per_step[:i + 1]) for i in range(len(tokens_per_step))]
-        self.step = 0
-        target_rope = _batch_rope(target_rope, rows)
-        if query_open:  # rearranged in place by reorder_open: an own copy, not a broadcast view
-            target_rope = target_rope.clone()
-        prefill = [(model.class_ids(conditions)[:, None], model.class_rope(rows, device))]
-        if context_ids is not None and context_ids.shape[1]:
-            prefill.append((context_ids, _batch_rope(context_rope, rows)))
-        fed_slots = self.ends[-2] if len(self.ends) > 1 else 0  # the last step's tokens are never fed
-        prefilled = sum(ids.shape[1] for ids, _ in prefill)
-        max_len = prefilled + fed_slots
-        self.cache, self.static_steps = None, None
-        if not use_cache:
-            self.ids = torch.cat([ids for ids, _ in prefill] + [conditions.new_zeros(rows, fed_slots)], dim=1)
-            self.rope = torch.cat([rope for _, rope in prefill] + [target_rope[:, :fed_slots]], dim=1)
-            self.target_rope = target_rope
-            groups = [ids.shape[1] for ids, _ in prefill] + list(tokens_per_step[:-1])
-            self.visible = block_causal_mask(groups, causal_within_step, device)  # (L, L)
-            self.length = prefilled
-            return
-        self.rows = rows
-        self.graphs = static and compile and device.type == "cuda"
-        if static or compile:
-            # Room for every token of the canvas and the write of the padded rows (at the last
-            # position, never visible): one size for every schedule.
-            max_len = prefilled + self.ends[-1]
-            if compile:
-                self.cache = _reusable_cache(model, rows, max_len, cache_dtype)
-            else:
-                self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
-            cache_rows = self.cache.self_k.shape[1]  # more than rows when a larger batch made the cache
-            prefill = [(_pad_rows(ids, cache_rows), _pad_rows(rope, cache_rows)) for ids, rope in prefill]
-            self.targets = rotation(_pad_rows(target_rope, cache_rows))  # (cache rows, N, D/2)
-            self.static_steps = self._static_plan(prefilled, device)
-            # One compile serves every bucket (sizes are symbolic); CUDA graphs record one graph per bucket.
-            mode = "reduce-overhead" if self.graphs else None
-            self.extend_fn = _compiled(_static_extend, mode) if compile else _static_extend
-            self.predict_fn = _compiled(_static_predict, mode) if compile else _static_predict
-        else:
-            self.targets = rotation(target_rope)  # (rows, N, D/2), sliced per step
-            self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
-        for ids, rope in prefill:
-            model.extend(ids, rope, self.cache, causal=self.causal)
-
-    def _static_plan(self, prefilled: int, device: torch.device) -> list[_StaticStep]:
-        """The padded inputs of every step, made once: rotations padded with zero rows, the cache
-        positions each step writes (padded rows: the last position, never visible) and the masks
-        of what its fed tokens and its queries see. Bucket sizes are marked dynamic for the compile."""
-        pad = query_bucket(max(self.tokens_per_step))
-        targets = Rotation(F.pad(self.targets.turns, (0, 0, 0, pad)))  # (rows, N + pad, D/2)
-        keys = torch.arange(self.cache.max_len, device=device)  # (S,)
-        steps, written = [], prefilled
-        for step, m in enumerate(self.tokens_per_step):
-            first = self.ends[step - 1] if step else 0  # decode slot of the first target
-            fed_rope = positions = fed_visible = None
-            fed = self.tokens_per_step[step - 1] if step else 0
-            if fed:
-                bucket = query_bucket(fed)
-                fed_rope = targets.slice(first - fed, first - fed + bucket)
-                slots = torch.arange(written, written + bucket, device=device)
-                positions = slots.masked_fill(slots >= written + fed, self.cache.max_len - 1)
-                # block-wise: everything up to the last fed token; causal: up to the token itself
-                limit = slots[:, None] if self.causal else torch.tensor([[written + fed - 1]], device=device)
-                fed_visible = keys[None, :] <= limit
-                written += fed
-                _mark_step_size(fed_rope.turns, 1)
-                _mark_step_size(positions, 0)
-                if self.causal:  # block-wise, fed_visible is (1, S)
-                    _mark_step_size(fed_visible, 0)
-            target_rope = targets.slice(first, first + query_bucket(m))
-            _mark_step_size(target_rope.turns, 1)
-            steps.append(_StaticStep(fed, fed_rope, positions, fed_visible, m, target_rope, keys[None, :] < written))
-        return steps
-
-    def reorder_open(self, order: Tensor) -> None:
-        """Rearrange the open targets of the step just run (slots start..N): slot start + i takes
-        the target at start + order[:, i]. order (B, N - start) is given for the B samples and
-        applies to their guidance rows too. Call it between steps, with `query_open`."""
-        start = self.ends[self.step - 2] if self.step > 1 else 0
-        table = self.targets.turns if self.cache is not None else self.target_rope  # (rows, N, D/2[, 2])
-        index = order.repeat(table.shape[0] // order.shape[0], 1)  # (rows, N - start)
-        open_targets = table[:, start:]
-        index = index.view(*index.shape, *(1,) * (table.ndim - 2)).expand_as(open_targets)
-        table[:, start:] = open_targets.gather(1, index)
-
-    def __call__(self, fed: Optional[Tensor]) -> Tensor:
-        step = self.step
-        self.step += 1
-        start = self.ends[step - 1] if step else 0
-        if self.static_steps is not None:
-            plan = self.static_steps[step]
-            if self.graphs:  # a new iteration: the previous step's graph outputs are consumed
-                torch.compiler.cudagraph_mark_step_begin()
-            if fed is not None:
-                ids = F.pad(_pad_rows(fed, self.targets.turns.shape[0]), (0, plan.positions.shape[0] - plan.fed))
-                _mark_step_size(ids, 1)
-                self.extend_fn(self.model, self.cache, ids, plan.fed_rope, plan.positions, plan.fed_visible)
-            logits = self.predict_fn(self.model, self.cache, plan.target_rope, plan.target_visible)
-            return logits[:self.rows, :plan.targets].contiguous()  # (rows, n, V); the sampler works in place
-        predict = self._feed(fed, self.ends[step - 2] if step > 1 else 0, start)
-        if not self.query_open:
-            return predict(start, self.ends[step])
-        total = self.ends[-1]
-        return (predict(a, min(a + self.open_chunk, total)) for a in range(start, total, self.open_chunk))
-
-    def _feed(self, fed: Optional[Tensor], before: int, start: int) -> Callable[[int, int], Tensor]:
-        """Feed the tokens of targets [before, start) (dynamic shapes); returns predict(a, b): the
-        logits (rows, b - a, V) of targets [a, b) given everything fed."""
-        if self.cache is not None:
-            if fed is not None:
-                self.model.extend(fed, self.targets.slice(before, start), self.cache, causal=self.causal)
-
-            def predict(a: int, b: int) -> Tensor:
-                return self.model.predict(self.targets.slice(a, b), self.cache)
-            return predict
-        if fed is not None:
-            self.ids[:, self.length:self.length + fed.shape[1]] = fed
-            self.rope[:, self.length:self.length + fed.shape[1]] = self.target_rope[:, before:start]  # maybe reordered
-            self.length += fed.shape[1]
-        L = self.length
-        k, v = self.model.content_kv(self.ids[:, :L], self.rope[:, :L], is_causal=False, attn_mask=self.visible[:L, :L])
-
-        def recompute(a: int, b: int) -> Tensor:
-            return self.model.target_logits(k, v, self.target_rope[:, a:b], is_causal=False)
-        return recompute

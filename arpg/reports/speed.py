@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from arpg.errors import require
 from arpg.files import atomic_write
 from arpg.models import create_model
-from arpg.models.arpg import release_compiled_caches
+from arpg.models.arpg_steps import release_compiled_caches
 from arpg.orders import decode_schedule
 from arpg.runtime import fast_bf16, resolve_device, set_cpu_threads
 from arpg.sample import SamplingOptions, generate

@@ -8,7 +8,7 @@ How one decode runs (`decode`):
 
 * A `DecodePlan` (arpg.orders) fixes up front, as Python ints, which positions are predicted at
   each step, so the step loop never reads a number back from the device.
-* The model's step engine (`model.decoder(...)`, e.g. `arpg.models.arpg.ARPGDecoder`) owns the
+* The model's step engine (`model.decoder(...)`, e.g. `arpg.models.arpg_steps.ARPGDecoder`) owns the
   forward passes over a KV cache allocated once: called with the tokens chosen at the previous
   step, it returns the logits of this step's positions.
 * bf16 (autocast, a bf16 cache and bf16 decode weights) runs where `SamplingOptions.amp` says:
