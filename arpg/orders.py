@@ -169,7 +169,7 @@ def locality_order(
     B, T = priority.shape
     device = priority.device
     decoded = torch.zeros(B, T, dtype=torch.bool, device=device) if decoded is None else decoded.clone()
-    num_open = int(T - decoded[0].sum())
+    num_open = T if decoded is None else int(T - decoded[0].sum())
     _check_group_sizes(tokens_per_step, num_open, None, "tokens_per_step")
     coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(T, 2)
     distance = torch.cdist(coords.double(), coords.double()).to(device)  # (T, T)
@@ -375,8 +375,13 @@ def make_plan(
     schedule: str | Sequence[int] | None = "arccos",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    parts: Sequence[tuple[int, torch.Generator | None]] | None = None,
 ) -> DecodePlan:
     """Build the order (see ``make_order``) and its schedule (see ``decode_schedule``).
+
+    ``parts`` [(rows, generator)] (rows summing to ``batch``, in place of ``generator``) draws a
+    named order part by part, e.g. one generator per sample; a schedule-aware order is then
+    refined once for the whole batch, not once per part.
 
     ``schedule=None`` or ``"regions"`` means the order's natural schedule, which only the
     raster and regions orders have: ``regions_schedule``, with R + T/R - 1 steps (raster: R = 1,
@@ -392,7 +397,12 @@ def make_plan(
             )
         schedule = regions_schedule(h, w, _REGION_COUNTS[order])
     tokens_per_step = decode_schedule(h * w, steps, schedule)
-    order_tensor = make_order(order, batch, h, w, generator, device)
+    if parts is None or isinstance(order, Tensor):
+        order_tensor = make_order(order, batch, h, w, generator, device)
+    else:
+        if sum(rows for rows, _ in parts) != batch:
+            raise ValueError(f"parts must cover the batch of {batch} rows, got {[rows for rows, _ in parts]}")
+        order_tensor = torch.cat([make_order(order, rows, h, w, g, device) for rows, g in parts])
     if isinstance(order, str) and order in SCHEDULE_AWARE_ORDERS:
         order_tensor = locality_order(order_tensor, h, w, tokens_per_step)
     return DecodePlan(order_tensor, tuple(tokens_per_step))

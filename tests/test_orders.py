@@ -258,3 +258,33 @@ def test_plan_rejects_natural_schedule_without_regions_and_bad_sizes():
         make_plan("regions4", 1, 4, 4, 8, None)
     with pytest.raises(ValueError, match="tokens_per_step must sum to num_tokens=16"):
         DecodePlan(torch.arange(16).view(1, 16), (8, 7))
+
+
+def test_locality_plan_per_sample_generators_runs_one_batched_greedy(monkeypatch):
+    # FID passes one generator per image: the greedy loop (tiny kernels, on a GPU one launch
+    # each) runs once for the batch, and each sample's order is still its own generator's.
+    import arpg.orders as orders
+
+    calls = []
+    locality = orders.locality_order
+    monkeypatch.setattr(orders, "locality_order", lambda priority, *a, **k: calls.append(priority.shape[0])
+                        or locality(priority, *a, **k))
+    def parts():
+        return [(1, torch.Generator().manual_seed(seed)) for seed in range(4)]
+
+    plan = make_plan("locality", 4, 4, 4, 5, "arccos", parts=parts())
+    assert calls == [4]
+    alone = [make_plan("locality", 1, 4, 4, 5, "arccos", g).order for _, g in parts()]
+    assert torch.equal(plan.order, torch.cat(alone))
+    # as the sampler plans it for a list of generators
+    from types import SimpleNamespace
+
+    from arpg.sample import SamplingOptions
+    from arpg.sample.decode import decode_plan
+
+    sampler_model = SimpleNamespace(decode_rules=orders.DecodeRules("random", 5, "arccos"), grid=(4, 4), system="ARPG")
+    calls.clear()
+    planned = decode_plan(sampler_model, SamplingOptions(order="locality"), 4, parts(), torch.device("cpu"))
+    assert calls == [4] and torch.equal(planned.order, plan.order)
+    with pytest.raises(ValueError, match="parts"):
+        make_plan("random", 3, 4, 4, 5, parts=parts())

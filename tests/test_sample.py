@@ -6,7 +6,7 @@ from PIL import Image
 
 import arpg.sample as sample
 from arpg import create_model
-from arpg.models.arpg import ARPGDecoder, query_bucket
+from arpg.models.arpg_steps import ARPGDecoder, query_bucket
 from arpg.orders import DecodePlan, decode_schedule, make_plan
 from arpg.sample import SamplingOptions, filter_logits
 from arpg.sample.decode import cfg_scales, decode, decode_grid
@@ -171,8 +171,8 @@ def test_cache_allocated_once_and_loop_never_syncs(model, monkeypatch, no_host_s
     with no_host_sync("the decode loop"):
         decode_grid(model, torch.tensor([0, 2]), plan, sampler, SamplingOptions(cfg=3.0, cfg_schedule="linear", **runtime))
     assert len(caches) == 1
-    padding = query_bucket(max(plan.tokens_per_step)) if runtime.get("static") else 0  # room for padded writes
-    assert caches[0].self_k.shape[:4] == (2, 2 * 2, 4, 1 + T - plan.tokens_per_step[-1] + padding)
+    fed = T if runtime.get("static") else T - plan.tokens_per_step[-1]  # static: one size for every schedule
+    assert caches[0].self_k.shape[:4] == (2, 2 * 2, 4, 1 + fed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +212,9 @@ def test_static_steps_use_few_shapes(model, monkeypatch):
     monkeypatch.setattr(model, "predict", lambda rope, cache, **kw: shapes.add(rope.turns.shape) or predict(rope, cache, **kw))
     plan = make_plan("random", 2, GRID, GRID, 7, "arccos", torch.Generator().manual_seed(0))
     decode_grid(model, torch.tensor([0, 2]), plan, TokenSampler(torch.rand(2, T)), SamplingOptions(cfg=3.0, static=True))
-    # every step's queries are padded to a power of two: at most log2(T) + 1 distinct shapes
+    # every step's queries are padded to a power of two >= 2: at most log2(T) distinct shapes
     assert {s[1] for s in shapes} == {query_bucket(n) for n in plan.tokens_per_step}
-    assert [query_bucket(n) for n in (1, 2, 3, 4, 5, 16, 17)] == [1, 2, 4, 4, 8, 16, 32]
+    assert [query_bucket(n) for n in (1, 2, 3, 4, 5, 16, 17)] == [2, 2, 4, 4, 8, 16, 32]
 
 
 def test_decode_leaves_the_module_tree_and_state_dict_unchanged(model):

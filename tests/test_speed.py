@@ -8,6 +8,7 @@ import torch
 from arpg.models import create_model
 from arpg.runtime import set_cpu_threads
 from arpg.sample import SamplingOptions
+from conftest import REPO
 
 T = 16
 

@@ -1,5 +1,6 @@
 """Decoding strategies: spread orders, confidence-guided positions, schedules and ramps."""
 
+import itertools
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import arpg.sample as sample
 import arpg.sample.draw as draw
-from arpg.models.arpg import ARPGDecoder
+from arpg.models.arpg_steps import ARPGDecoder
 from arpg.orders import decode_schedule, halton_order, locality_order, make_plan, random_order
 from arpg.sample import SamplingOptions
 from arpg.sample.decode import cfg_scales, decode_grid, token_sampler
@@ -166,6 +167,25 @@ def test_confidence_decodes_every_position_once_and_queries_the_open_ones(model,
         assert torch.equal(out.flatten(1).gather(1, plan.order), torch.arange(T).expand(3, -1))
         ends = [sum(plan.tokens_per_step[:i]) for i in range(steps)]
         assert queried == [T - start for start in ends]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_confidence_queries_the_open_positions_in_chunks(model, monkeypatch, use_cache):
+    # The open positions' logits (all 256 of a 16x16 canvas at step 0, for every guided row) are
+    # made, guided, drawn from and scored a chunk at a time: the same tokens as all at once.
+    import arpg.models.arpg_steps as arpg_steps
+
+    options = dict(steps=5, cfg=2.0, positions="confidence", position_noise=1.0, top_p=0.9, use_cache=use_cache)
+    whole = sample.generate(model, [0, 1, 2], generator=torch.Generator().manual_seed(0), **options)
+    queried = []
+    target_logits = model.target_logits
+    monkeypatch.setattr(model, "target_logits", lambda k, v, rope, *a, **kw: queried.append(
+        getattr(rope, "turns", rope).shape[1]) or target_logits(k, v, rope, *a, **kw))
+    monkeypatch.setattr(arpg_steps, "OPEN_LOGITS_BYTES", 3 * 4 * 6 * 16)  # 3 targets of 6 rows, 16 codes
+    chunked = sample.generate(model, [0, 1, 2], generator=torch.Generator().manual_seed(0), **options)
+    assert torch.equal(whole, chunked)
+    starts = [0, *itertools.accumulate(decode_schedule(T, 5, "arccos")[:-1])]
+    assert max(queried) == 3 and sum(queried) == sum(T - start for start in starts)
 
 
 def test_confidence_commits_the_most_confident_positions(model, monkeypatch):

@@ -12,7 +12,7 @@ One file, read top to bottom:
   by the position it must predict) attend causally to the shared K/V, so query k sees the class
   token and the first k content tokens of the order and predicts the token at `order[k]`.
 * `ARPG`: the model, its teacher-forced `forward`, and the cached step-wise entry points
-  (`new_cache`, `extend`, `predict`) that `ARPGDecoder` drives for the sampler.
+  (`new_cache`, `extend`, `predict`) that the step engines (`arpg.models.arpg_steps`) drive.
 
 The module tree and parameter names equal the published implementation's, so its checkpoints load
 with `strict=True` (see `arpg.checkpoint`). The shared math (RMSNorm, SwiGLU, RoPE, attention) is
@@ -21,8 +21,7 @@ in `arpg.models.layers`.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -32,9 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from arpg.errors import SettingError, require
+from arpg.models.arpg_steps import ARPGDecoder
 from arpg.models.base import GridGenerator, TransformerConfig
 from arpg.orders import DecodeRules, random_order
-from arpg.models.layers import (FeedForward, RMSNorm, Rotation, attention, block_causal_mask, merge_heads,
+from arpg.models.layers import (FeedForward, RMSNorm, Rotation, attention, merge_heads,
                                 published_init_, raster_rope, rms_norm, rotate, rotation, split_heads, swiglu,
                                 write_cache, write_cache_at)
 
@@ -259,6 +259,14 @@ class KVCache:
     def tensors(self) -> list[Tensor]:
         """Every tensor the decode steps read or write in place (for `torch._dynamo.mark_static_address`)."""
         return [self.self_k, self.self_v, self.shared_k, self.shared_v, *_leaves(self.weights)]
+
+    @torch.no_grad()
+    def refresh_weights(self, weights: DecodeWeights) -> None:
+        """Copy fresh decode weights into this cache's in place (their addresses stay, as CUDA
+        graphs captured them); a weight that is the parameter itself (not cast) is left alone."""
+        for kept, fresh in zip(_leaves(self.weights), _leaves(weights)):
+            if kept.data_ptr() != fresh.data_ptr():
+                kept.copy_(fresh)
 
 
 def _leaves(tree) -> list[Tensor]:
@@ -548,233 +556,3 @@ def _check_permutations(order: Tensor) -> None:
 
 def _as_rotation(rope: Tensor | Rotation) -> Rotation:
     return rope if isinstance(rope, Rotation) else rotation(rope)
-
-
-# ---------------------------------------------------------------------------------------------
-# The step engine of the sampler
-# ---------------------------------------------------------------------------------------------
-
-def _extend_and_predict(model: ARPG, cache: KVCache, ids: Optional[Tensor], rope: Optional[Rotation],
-                        target_rope: Rotation, causal: bool) -> Tensor:
-    """One cached step: feed ids (B, n) at their rotation, then predict the targets -> (B, m, V)."""
-    if ids is not None:
-        model.extend(ids, rope, cache, causal=causal)
-    return model.predict(target_rope, cache)
-
-
-def _static_extend(model: ARPG, cache: KVCache, ids: Tensor, rope: Rotation, positions: Tensor,
-                   visible: Tensor) -> None:
-    model.extend(ids, rope, cache, positions=positions, visible=visible)
-
-
-def _static_predict(model: ARPG, cache: KVCache, target_rope: Rotation, visible: Tensor) -> Tensor:
-    return model.predict(target_rope, cache, visible=visible)
-
-
-@functools.cache
-def _compiled(fn: Callable, mode: Optional[str], dynamic: bool) -> Callable:
-    return torch.compile(fn, mode=mode, dynamic=dynamic)
-
-
-def _reusable_cache(model: ARPG, batch: int, max_len: int, dtype: Optional[torch.dtype]) -> KVCache:
-    """The cache of compiled static decodes: one per model and shape, kept on the model and reused
-    by every decode, because CUDA graphs capture its addresses (marked static for torch.compile).
-    Its decode weights are refreshed in place when the parameters changed since."""
-    dtype = dtype or model.head.weight.dtype
-    pool = model.__dict__.setdefault("_static_decode_caches", {})
-    key = (batch, max_len, dtype, model.head.weight.device)
-    cache, version = pool.get(key), _parameter_version(model)
-    if cache is None:
-        cache = pool[key] = model.new_cache(batch, max_len=max_len, dtype=dtype)
-        for tensor in cache.tensors():
-            torch._dynamo.mark_static_address(tensor)
-    elif cache.version != version:
-        with torch.no_grad():
-            for kept, fresh in zip(_leaves(cache.weights), _leaves(model.decode_weights(dtype))):
-                kept.copy_(fresh)
-    cache.version, cache.length = version, 0
-    return cache
-
-
-def _parameter_version(model: nn.Module) -> tuple:
-    """Changes whenever a parameter is replaced or modified in place."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
-def _batch_rope(rope: Tensor, batch: int) -> Tensor:
-    """RoPE (1 or b, n, D/2, 2) -> (batch, n, D/2, 2), repeating a per-sample table for the guidance rows."""
-    return rope.expand(batch, -1, -1, -1) if rope.shape[0] == 1 else rope.repeat(batch // rope.shape[0], 1, 1, 1)
-
-
-def query_bucket(n: int) -> int:
-    """The padded size of a static step of n queries: the next power of two, so a decode of T
-    tokens compiles at most log2(T) + 1 shapes per function."""
-    return 1 << (n - 1).bit_length()
-
-
-class _StaticStep(NamedTuple):
-    """The fixed-shape inputs of one static step, made before the loop (no host work inside it)."""
-
-    fed: int  # tokens fed at this step (0 at the first)
-    fed_rope: Optional[Rotation]  # (rows, bucket(fed), D)
-    positions: Optional[Tensor]  # (bucket(fed),) cache positions written
-    fed_visible: Optional[Tensor]  # (bucket(fed)|1, S) what the fed tokens see
-    targets: int
-    target_rope: Rotation  # (rows, bucket(targets), D)
-    target_visible: Tensor  # (1, S)
-
-
-class ARPGDecoder:
-    """The forward passes of one ARPG decode: call it with the tokens chosen at the previous step
-    (None at the first) and it returns the float32 logits (rows, n, V) of this step's targets.
-
-    Step 0 feeds the condition token alone (it sees only itself, as in training), then the
-    context tokens when editing; step s > 0 feeds the tokens chosen at step s - 1 at their own
-    positions, then one content-free query per target of step s reads everything fed so far.
-    The RoPE rotations of every position are computed once, and the cache carries the decode
-    weights (fused projections, see `ARPG.decode_weights`).
-
-    Args:
-        conditions: a batch of `rows` conditions (the unconditional ones for the guidance rows).
-        target_rope: (rows|b|1, N, D/2, 2) RoPE of the N positions to decode, in decode order.
-        tokens_per_step: how many targets each step predicts (sums to N).
-        context_ids, context_rope: (rows, K) known tokens and their RoPE, fed after the condition.
-        causal_within_step: tokens fed in one step attend causally (training-like) instead of
-            block-wise (published).
-        use_cache: False recomputes the whole prefix at every step with the attention pattern the
-            cache builds up (same logits, slow; for tests and benchmarks).
-        compile: torch.compile the cached step (dynamic shapes; with `static`, fixed shapes and
-            CUDA graphs on CUDA, mode "reduce-overhead").
-        cache_dtype: dtype of the KV cache and of the decode weights (default: the weights').
-        static: fixed-shape steps: attention over the whole preallocated cache under a validity
-            mask, fed tokens and queries padded to `query_bucket` sizes. Same tokens as the
-            dynamic steps; it exists so a compiled step replays without recompiling.
-        query_open: every step queries all N - start targets not yet fed (its own first), and a
-            position selector picks which of them the step commits (see `reorder_open`). Not
-            with `static` (the number of open targets shrinks every step).
-
-    With `query_open`, the decode order is not fixed up front: after step s the caller passes
-    `reorder_open` the arrangement of the open targets that puts the committed ones first, and
-    step s + 1 feeds those (the cache stays incremental; only the guided half runs for the
-    queries that are not committed).
-    """
-
-    def __init__(self, model: ARPG, conditions: Any, target_rope: Tensor, tokens_per_step: Sequence[int],
-                 context_ids: Optional[Tensor] = None, context_rope: Optional[Tensor] = None,
-                 causal_within_step: bool = False, use_cache: bool = True, compile: bool = False,
-                 cache_dtype: Optional[torch.dtype] = None, static: bool = False, query_open: bool = False):
-        require(not (static and query_open), "static=True decodes a fixed plan of positions; confidence-guided "
-                                             "positions query every open position: set static=False with them")
-        rows, device = model.condition.batch_size(conditions), model.head.weight.device
-        self.model, self.causal, self.query_open = model, causal_within_step, query_open
-        self.tokens_per_step = list(tokens_per_step)
-        self.ends = [sum(tokens_per_step[:i + 1]) for i in range(len(tokens_per_step))]
-        self.step = 0
-        target_rope = _batch_rope(target_rope, rows)
-        if query_open:  # rearranged in place by reorder_open: an own copy, not a broadcast view
-            target_rope = target_rope.clone()
-        # The condition rows first (causal among themselves, as trained), then any context tokens.
-        prefill = [(model.condition_inputs(conditions), model.class_rope(rows, device))]
-        if context_ids is not None and context_ids.shape[1]:
-            prefill.append((context_ids, _batch_rope(context_rope, rows)))
-        fed_slots = self.ends[-2] if len(self.ends) > 1 else 0  # the last step's tokens are never fed
-        prefilled = sum(ids.shape[1] for ids, _ in prefill)
-        max_len = prefilled + fed_slots
-        keys = model.condition.key_mask(conditions)  # (rows, P) or None
-        require(keys is None or not static, "static=True is not supported with captions (their padded rows need "
-                                            "a per-sample mask); leave it False")
-        self.key_mask = None if keys is None else F.pad(keys, (0, max_len - keys.shape[1]), value=True)
-        self.cache, self.static_steps = None, None
-        if not use_cache:
-            self.inputs = torch.cat([model.embed(ids) for ids, _ in prefill]
-                                    + [model.embeddings.weight.new_zeros(rows, fed_slots, model.config.dim)], dim=1)
-            self.rope = torch.cat([rope for _, rope in prefill] + [target_rope[:, :fed_slots]], dim=1)
-            self.target_rope = target_rope
-            condition_rows = prefill[0][0].shape[1]
-            groups = [1] * condition_rows + [ids.shape[1] for ids, _ in prefill[1:]] + list(tokens_per_step[:-1])
-            self.visible = block_causal_mask(groups, causal_within_step, device)  # (L, L)
-            if self.key_mask is not None:  # (rows, 1, L, L): no row sees a hidden one, but each sees itself
-                eye = torch.eye(max_len, dtype=torch.bool, device=device)
-                self.visible = (self.visible & (self.key_mask[:, None, :] | eye))[:, None]
-            self.length = prefilled
-            return
-        self.targets = rotation(target_rope)  # (rows, N, D/2), sliced per step
-        self.graphs = static and compile and device.type == "cuda"
-        if static:
-            pad = query_bucket(max(tokens_per_step))
-            if compile:
-                self.cache = _reusable_cache(model, rows, max_len + pad, cache_dtype)
-            else:
-                self.cache = model.new_cache(rows, max_len=max_len + pad, dtype=cache_dtype)
-            self.static_steps = self._static_plan(prefilled, pad, device)
-            # One compile serves every bucket (sizes are symbolic); CUDA graphs record one graph per bucket.
-            mode = "reduce-overhead" if self.graphs else None
-            self.extend_fn = _compiled(_static_extend, mode, True) if compile else _static_extend
-            self.predict_fn = _compiled(_static_predict, mode, True) if compile else _static_predict
-        else:
-            self.cache = model.new_cache(rows, max_len=max_len, dtype=cache_dtype)
-            self.step_fn = _compiled(_extend_and_predict, None, True) if compile else _extend_and_predict
-        self.cache.key_mask = self.key_mask
-        for i, (ids, rope) in enumerate(prefill):
-            model.extend(ids, rope, self.cache, causal=self.causal or i == 0)
-
-    def _static_plan(self, prefilled: int, pad: int, device: torch.device) -> list[_StaticStep]:
-        """The padded inputs of every step, made once: rotations padded with zero rows, the cache
-        positions each step writes and the masks of what its fed tokens and its queries see."""
-        targets = Rotation(F.pad(self.targets.turns, (0, 0, 0, pad)))  # (rows, N + pad, D/2)
-        keys = torch.arange(self.cache.max_len, device=device)  # (S,)
-        steps, written = [], prefilled
-        for step, m in enumerate(self.tokens_per_step):
-            first = self.ends[step - 1] if step else 0  # decode slot of the first target
-            fed_rope = positions = fed_visible = None
-            fed = self.tokens_per_step[step - 1] if step else 0
-            if fed:
-                bucket = query_bucket(fed)
-                fed_rope = targets.slice(first - fed, first - fed + bucket)
-                positions = torch.arange(written, written + bucket, device=device)
-                # block-wise: everything up to the last fed token; causal: up to the token itself
-                limit = positions[:, None] if self.causal else torch.tensor([[written + fed - 1]], device=device)
-                fed_visible = keys[None, :] <= limit
-                written += fed
-            steps.append(_StaticStep(fed, fed_rope, positions, fed_visible, m,
-                                     targets.slice(first, first + query_bucket(m)), keys[None, :] < written))
-        return steps
-
-    def reorder_open(self, order: Tensor) -> None:
-        """Rearrange the open targets of the step just run (slots start..N): slot start + i takes
-        the target at start + order[:, i]. order (B, N - start) is given for the B samples and
-        applies to their guidance rows too. Call it between steps, with `query_open`."""
-        start = self.ends[self.step - 2] if self.step > 1 else 0
-        table = self.targets.turns if self.cache is not None else self.target_rope  # (rows, N, D/2[, 2])
-        index = order.repeat(table.shape[0] // order.shape[0], 1)  # (rows, N - start)
-        open_targets = table[:, start:]
-        index = index.view(*index.shape, *(1,) * (table.ndim - 2)).expand_as(open_targets)
-        table[:, start:] = open_targets.gather(1, index)
-
-    def __call__(self, fed: Optional[Tensor]) -> Tensor:
-        step = self.step
-        self.step += 1
-        start = self.ends[step - 1] if step else 0
-        end = None if self.query_open else self.ends[step]  # query_open: every open target
-        if self.static_steps is not None:
-            plan = self.static_steps[step]
-            if self.graphs:  # a new iteration: the previous step's graph outputs are consumed
-                torch.compiler.cudagraph_mark_step_begin()
-            if fed is not None:
-                ids = F.pad(fed, (0, plan.positions.shape[0] - plan.fed))
-                self.extend_fn(self.model, self.cache, ids, plan.fed_rope, plan.positions, plan.fed_visible)
-            logits = self.predict_fn(self.model, self.cache, plan.target_rope, plan.target_visible)
-            return logits[:, :plan.targets].contiguous()  # (rows, n, V); the sampler works in place
-        before = self.ends[step - 2] if step > 1 else 0
-        if self.cache is not None:
-            fed_rope = self.targets.slice(before, start) if fed is not None else None
-            return self.step_fn(self.model, self.cache, fed, fed_rope, self.targets.slice(start, end), self.causal)
-        if fed is not None:
-            self.inputs[:, self.length:self.length + fed.shape[1]] = self.model.embeddings(fed)
-            self.rope[:, self.length:self.length + fed.shape[1]] = self.target_rope[:, before:start]  # maybe reordered
-            self.length += fed.shape[1]
-        L = self.length
-        k, v = self.model.content_kv(self.inputs[:, :L], self.rope[:, :L], is_causal=False,
-                                     attn_mask=self.visible[..., :L, :L])
-        keys = None if self.key_mask is None else self.key_mask[:, None, None, :L]
-        return self.model.target_logits(k, v, self.target_rope[:, start:end], is_causal=False, attn_mask=keys)

@@ -169,8 +169,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, attn_mas
     (Tq, Tk) or (B, 1, Tq, Tk) is True where attending is allowed. Returns (B, H, Tq, D).
 
     The kernel is chosen by shape: SDPA, except on the CPU for at most `FEW_QUERIES` queries
-    without causal mask or dropout, where batched matmuls are faster."""
-    if q.device.type == "cpu" and q.shape[-2] <= FEW_QUERIES and not is_causal and dropout_p == 0.0:
+    without causal mask or dropout, where batched matmuls are faster (eager only)."""
+    if (not torch.compiler.is_compiling()  # compiled: one graph for every query count
+            and q.device.type == "cpu" and q.shape[-2] <= FEW_QUERIES and not is_causal and dropout_p == 0.0):
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, H, Tq, Tk)
         if attn_mask is not None:
             scores = scores.masked_fill_(~attn_mask, float("-inf"))

@@ -33,7 +33,7 @@ from arpg.tokenizer import PixelTokenizer
 
 @dataclass
 class CaptionsDemoConfig:
-    """`scripts/captions_demo.py` (mirrored by `configs/captions_demo.yaml`)."""
+    """`scripts/captions_demo.py` (mirrored by `arpg/configs/captions_demo.yaml`)."""
 
     checkpoint: str = "runs/digits_captions/model.safetensors"  # a model of the captioned digits
     out_dir: str = "docs"

@@ -10,8 +10,13 @@ Decode modes (all with random weights, guidance on so the batch doubles, the sam
 
 * eager: the default cached decode (growing attention slice, fused projections).
 * static: fixed-shape steps (`SamplingOptions.static`); eager, so only a check of its cost.
-* compiled: torch.compile of the dynamic-shape step.
-* graphs: static + compile: CUDA graphs (mode "reduce-overhead") on CUDA, inductor on the CPU.
+* compiled: torch.compile of the fixed-shape steps (one graph for feeding, one for predicting).
+* graphs: static + compile: the same, replayed as CUDA graphs (mode "reduce-overhead") on CUDA.
+
+Every row starts with the caches of the rows before it freed (the kept KV cache of compiled
+decodes, cached CUDA blocks), and records its untimed first call (`warmup_s`: the compile, for
+compiled rows) and the memory still allocated at its start (`resident_mib`: the weights and
+compiled graphs' pools). The JSON is written after every row.
 
 Baseline rows (eager, float32 or the first precision): `raster_ar` decodes one token per step in
 raster order (classic autoregressive decoding with a KV cache); `no_cache` recomputes the prefix
@@ -27,6 +32,7 @@ if it were nothing but those matmuls at that speed.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import math
 import os
@@ -36,7 +42,7 @@ import time
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import psutil
 import torch
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 from arpg.errors import require
 from arpg.files import atomic_write
 from arpg.models import create_model
+from arpg.models.arpg_steps import release_compiled_caches
 from arpg.orders import decode_schedule
 from arpg.runtime import cpu_description, fast_bf16, resolve_device, set_cpu_threads, tf32
 from arpg.sample import SamplingOptions, generate
@@ -96,7 +103,7 @@ class BenchSampleConfig:
 
 
 def _validate(config: BenchSampleConfig) -> None:
-    require(bool(config.models), "models must name at least one model size")
+    require(bool(config.models or config.train_models), "models or train_models must name at least one model size")
     require(all(m in MODES for m in config.modes), f"modes must be a list of {sorted(MODES)}, got {config.modes}")
     require(config.precisions is None or all(p in PRECISIONS for p in config.precisions),
             f"precisions must be a list of {sorted(PRECISIONS)} or null, got {config.precisions}")
@@ -240,12 +247,15 @@ def _model(config: BenchSampleConfig, name: str, device: torch.device) -> torch.
     return model
 
 
-def _sampling_rows(config: BenchSampleConfig, model: torch.nn.Module, name: str, device: torch.device) -> list[dict]:
-    """Time every (precision, mode, steps) decode of one model, plus the baseline rows (first precision).
-    bf16 rows cast the model to bf16 first, as the published sampler does (autocast on top)."""
+def _sampling_rows(config: BenchSampleConfig, model: torch.nn.Module, name: str, device: torch.device
+                   ) -> Iterator[dict]:
+    """Time every (precision, mode, steps) decode of one model, plus the baseline rows (first
+    precision), yielding each row when measured. bf16 rows cast the model to bf16 first, as the
+    published sampler does (autocast on top). Each row starts with no cache of an earlier row
+    alive (`_clear_caches`), so its peak memory is its own; `warmup_s` is its untimed first
+    call (compiling, for compiled rows)."""
     T = config.grid ** 2
     labels = torch.arange(config.batch, device=device) % config.num_classes
-    rows = []
     for precision in config.precisions:
         if PRECISIONS[precision]:
             model.to(torch.bfloat16)
@@ -259,20 +269,33 @@ def _sampling_rows(config: BenchSampleConfig, model: torch.nn.Module, name: str,
             def sample() -> torch.Tensor:
                 return generate(model, labels, options, generator=torch.Generator(device).manual_seed(config.seed))
 
-            for _ in range(2 if options.compile else 1):  # compiling, then recording CUDA graphs
+            resident = _clear_caches(model, device)
+            warmup, _ = timed(sample, device)
+            if options.compile:  # the first call compiled, the second records the CUDA graphs
                 sample()
             timings = [timed(sample, device) for _ in range(config.repeats)]
             seconds = min(t for t, _ in timings)
             ops = None
             if config.count_ops and mode in MODES:
                 ops = count_ops(sample, device) / steps / model.config.n_layer
-            rows.append(dict(model=name, mode=mode, precision=precision, steps=steps, batch=config.batch,
-                             seconds=seconds, images_per_s=config.batch / seconds,
-                             peak_mib=max(m for _, m in timings), ops_per_step_per_layer=ops))
+            row = dict(model=name, mode=mode, precision=precision, steps=steps, batch=config.batch,
+                       seconds=seconds, images_per_s=config.batch / seconds, warmup_s=warmup,
+                       peak_mib=max(m for _, m in timings), resident_mib=resident, ops_per_step_per_layer=ops)
             print(f"  {name} {precision} {mode:9s} steps={steps:3d}: {config.batch / seconds:8.2f} images/s, "
-                  f"peak {rows[-1]['peak_mib']:.0f} MiB" + (f", {ops:.0f} ops per step per layer" if ops else ""),
-                  flush=True)
-    return rows
+                  f"peak {row['peak_mib']:.0f} MiB, first call {warmup:.1f} s"
+                  + (f", {ops:.0f} ops per step per layer" if ops else ""), flush=True)
+            yield row
+
+
+def _clear_caches(model: torch.nn.Module, device: torch.device) -> float:
+    """Free the caches a previous row kept (the compiled decodes' KV cache, freed CUDA blocks);
+    returns the MiB still allocated (CUDA: the weights and compiled graphs' pools; CPU: 0)."""
+    release_compiled_caches(model)
+    gc.collect()
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device) / 2**20
 
 
 def _ceiling(config: BenchSampleConfig, model: torch.nn.Module, name: str, device: torch.device) -> list[dict]:
@@ -352,31 +375,95 @@ def bench_sample(config: BenchSampleConfig) -> dict:
                        load_average=list(os.getloadavg()), fast_bf16=fast_bf16(device.type),
                        device=torch.cuda.get_device_name(device) if device.type == "cuda"
                        else f"{platform.processor() or platform.machine()} ({cpu_description()})")
-    sampling, ceiling = [], []
+    report = dict(config=asdict(config), environment=environment, sampling=[], ceiling=[], training=[])
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        environment["load_average_end"] = list(os.getloadavg())
+        atomic_write(Path(config.output), lambda path: path.write_text(json.dumps(report, indent=2)))
+
     # Inductor's CPU kernels show in the profiler (for the operation count) only if built so.
     from torch._inductor import config as inductor_config
 
     with inductor_config.patch({"cpp.enable_kernel_profile": config.count_ops}):
         for name in config.models:
             model = _model(config, name, device).eval()
-            ceiling += _ceiling(config, model, name, device)
-            sampling += _sampling_rows(config, model, name, device)
+            report["ceiling"] += _ceiling(config, model, name, device)
+            save()
+            for row in _sampling_rows(config, model, name, device):
+                report["sampling"].append(row)
+                save()
+            release_compiled_caches(model)
             del model
             _release(device)
     peak = config.peak_tflops or _gpu_peak(device)
-    training = []
     for name in config.train_models:
         for precision in config.precisions:
-            training.append(_training_row(config, name, precision, device, peak))
+            report["training"].append(_training_row(config, name, precision, device, peak))
+            save()
             _release(device)
-    environment["load_average_end"] = list(os.getloadavg())
-    report = dict(config=asdict(config), environment=environment, sampling=sampling, ceiling=ceiling,
-                  training=training)
     print(_table(report))
-    atomic_write(Path(config.output), lambda path: path.write_text(json.dumps(report, indent=2)))
-    _plot(report, Path(config.plot))
-    print(f"wrote {Path(config.output).resolve()} and {Path(config.plot).resolve()} ({environment['device']}, "
+    written = [Path(config.output)]
+    if report["sampling"]:
+        _plot(report, Path(config.plot))
+        written.append(Path(config.plot))
+    print(f"wrote {' and '.join(str(path.resolve()) for path in written)} ({environment['device']}, "
           f"{threads} threads, load {environment['load_average'][0]:.1f} -> {environment['load_average_end'][0]:.1f})")
+    return report
+
+
+def load_preset(path: Path | str, **overrides) -> BenchSampleConfig:
+    """A benchmark preset (`arpg/configs/bench_preset/*.yaml`) read without Hydra, as the GPU check
+    needs (`scripts/gpu_check.py`), then `overrides` of single fields. The preset's fields are
+    BenchSampleConfig's; what it leaves out keeps the dataclass default (which
+    `arpg/configs/bench_sample.yaml` mirrors)."""
+    import yaml
+
+    fields = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = sorted(set(fields) - set(BenchSampleConfig.__dataclass_fields__))
+    require(not unknown, f"{path}: unknown fields {unknown}; allowed: the fields of BenchSampleConfig")
+    return BenchSampleConfig(**{**fields, **overrides})
+
+
+# Substrings (lower case) of the names of attention kernels (CUDA) and operators (CPU).
+ATTENTION_NAMES = ("attention", "attn", "flash", "fmha", "sdpa", "softmax", "bmm")
+
+
+def attention_kernels(config: BenchSampleConfig) -> dict:
+    """Which attention kernels a decode runs: one eager decode of the first model (first
+    precision, first step count, batch and guidance as configured) under the profiler; every
+    GPU kernel (CUDA) or aten operator (CPU) whose name contains one of `ATTENTION_NAMES`, with
+    its calls and total microseconds, most time first. Shows the SDPA backend (flash, memory-
+    efficient, cuDNN or math) the decode's shapes get. Writes `config.output`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _validate(config)
+    set_cpu_threads(config.threads)
+    device = resolve_device(config.device)
+    name, precision = config.models[0], config.precisions[0]
+    model = _model(config, name, device).eval()
+    if PRECISIONS[precision]:
+        model.to(torch.bfloat16)
+    labels = torch.arange(config.batch, device=device) % config.num_classes
+    options = SamplingOptions(steps=config.steps[0], cfg=config.cfg, amp=PRECISIONS[precision])
+    generate(model, labels, options)  # warm-up: kernels chosen and loaded
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        generate(model, labels, options)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    on_device = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    kernels: dict[str, dict] = {}
+    for event in prof.events():
+        if event.device_type == on_device and any(word in event.name.lower() for word in ATTENTION_NAMES):
+            entry = kernels.setdefault(event.name, dict(calls=0, us=0.0))
+            entry["calls"] += 1
+            entry["us"] += event.time_range.elapsed_us()
+    ranked = [dict(name=k, **v) for k, v in sorted(kernels.items(), key=lambda item: -item[1]["us"])]
+    report = dict(config=asdict(config), model=name, precision=precision, steps=config.steps[0],
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", kernels=ranked)
+    for kernel in ranked:
+        print(f"  {kernel['calls']:6d} calls {kernel['us'] / 1e3:9.2f} ms  {kernel['name']}", flush=True)
+    atomic_write(Path(config.output), lambda path: path.write_text(json.dumps(report, indent=2)))
     return report
 
 

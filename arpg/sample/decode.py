@@ -9,7 +9,7 @@ How one decode runs (`decode`):
 
 * A `DecodePlan` (arpg.orders) fixes up front, as Python ints, which positions are predicted at
   each step, so the step loop never reads a number back from the device.
-* The model's step engine (`model.decoder(...)`, e.g. `arpg.models.arpg.ARPGDecoder`) owns the
+* The model's step engine (`model.decoder(...)`, e.g. `arpg.models.arpg_steps.ARPGDecoder`) owns the
   forward passes over a KV cache allocated once: called with the tokens chosen at the previous
   step, it returns the logits of this step's positions.
 * bf16 (autocast, a bf16 cache and bf16 decode weights) runs where `SamplingOptions.amp` says:
@@ -27,7 +27,7 @@ How one decode runs (`decode`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -48,8 +48,9 @@ from arpg.sample.positions import PositionSelector, position_selector
 Choose = Callable[[int, slice | Tensor, Tensor], Tensor]
 # StepEngine(fed): the float32 logits (rows, n, V) of the next step's positions, given the tokens
 # (rows, m) chosen at the previous step (None at the first step). Built with `query_open`, it
-# returns the logits of all open positions and has `reorder_open` (see ARPGDecoder).
-StepEngine = Callable[[Optional[Tensor]], Tensor]
+# returns an iterator over the logits of all open positions, in chunks along the positions, and
+# has `reorder_open` (see ARPGDecoder).
+StepEngine = Callable[[Optional[Tensor]], Tensor | Iterator[Tensor]]
 Generators = Optional[torch.Generator | Sequence[torch.Generator]]
 
 
@@ -119,23 +120,34 @@ def decode(model: nn.Module, conditions: Any, make_engine: Callable[[Any, torch.
     # decode slot -> target; a selector rearranges the open slots after each step
     arrangement = torch.arange(N, device=device).repeat(B, 1) if select is not None else None
     use_amp = use_bf16(options.amp, device)
+
+    def guide(logits: Tensor, step: int) -> Tensor:
+        """(rows, m, V) -> (B, m, V): uncond + (cond - uncond) * scale, in place in the cond rows."""
+        if not guided:
+            return logits
+        return logits[:B].sub_(logits[B:]).mul_(scales[step]).add_(logits[B:])
+
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         engine = make_engine(conditions, torch.bfloat16 if use_amp else next(model.parameters()).dtype)
         start, fed = 0, None
         for step, n in enumerate(tqdm(tokens_per_step, desc="decoding", unit="step", leave=False,
                                       disable=not progress)):
             end = start + n
-            logits = engine(fed)  # (rows, n, V) float32
-            if guided:  # uncond + (cond - uncond) * scale, in place in the cond rows
-                logits = logits[:B].sub_(logits[B:]).mul_(scales[step]).add_(logits[B:])
             if select is None:
-                tokens = choose(step, slice(start, end), logits)  # (B, n)
+                tokens = choose(step, slice(start, end), guide(engine(fed), step))  # (B, n)
             else:
                 open_targets = arrangement[:, start:]  # (B, N - start)
-                drawn = choose(step, open_targets, logits.clone())  # a token for every open target
-                order = select(step, n, open_targets, logits, drawn)  # (B, N - start), committed first
+                drawn, scores, done = [], [], 0
+                for logits in engine(fed):  # (rows, m, V) of the next m open targets
+                    logits = guide(logits, step)
+                    targets = open_targets[:, done:done + logits.shape[1]]
+                    drawn.append(choose(step, targets, logits.clone()))  # a token for every open target
+                    scores.append(select.score(logits, drawn[-1]))
+                    done += logits.shape[1]
+                del logits  # one chunk of logits at a time
+                order = select(step, n, open_targets, torch.cat(scores, 1))  # (B, N - start), committed first
                 arrangement[:, start:] = open_targets.gather(1, order)
-                tokens = drawn.gather(1, order[:, :n])
+                tokens = torch.cat(drawn, 1).gather(1, order[:, :n])
                 engine.reorder_open(order)
             chosen[:B, start:end] = tokens
             if guided:
@@ -174,11 +186,7 @@ def decode_plan(model: nn.Module, options: SamplingOptions, batch: int,
                 f"schedule: {name} decodes with its own schedule ({rules.schedule_text}); leave schedule unset, "
                 f"got {options.schedule!r}")
         steps = None  # its schedule fixes them (options.steps is checked against the plan below)
-    if isinstance(order, Tensor) or len(parts) == 1:
-        plan = make_plan(order, batch, h, w, steps, schedule, parts[0][1] if len(parts) == 1 else None, device)
-    else:
-        plans = [make_plan(order, rows, h, w, steps, schedule, g, device) for rows, g in parts]
-        plan = DecodePlan(torch.cat([p.order for p in plans]), plans[0].tokens_per_step)
+    plan = make_plan(order, batch, h, w, steps, schedule, device=device, parts=parts)
     require(not rules.fixed or options.steps is None or options.steps == plan.num_steps,
             f"steps: {model.system} decodes in {plan.num_steps} steps here; leave steps unset")
     return plan

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from arpg.errors import require
-from arpg.models.arpg import ARPG, ARPGDecoder
+from arpg.models.arpg import ARPG
+from arpg.models.arpg_steps import ARPGDecoder
 from arpg.models.layers import rope_2d
 from arpg.orders import SCHEDULE_AWARE_ORDERS, decode_schedule, locality_order, make_order, random_order
 from arpg.sample.decode import (Generators, StepEngine, cfg_scales, check_tokenizer, decode, draw_uniforms,

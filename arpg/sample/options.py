@@ -63,10 +63,12 @@ class SamplingOptions:
         amp: bf16 autocast, bf16 KV cache and bf16 decode weights. None (default): bf16 on a CUDA
             GPU, float32 on a CPU (one call gives the same tokens on every CPU); True: bf16 on any
             device (fast on CPUs with AVX512-BF16 or AMX, warned as slow elsewhere); False: float32.
-        compile: torch.compile the decode step.
+        compile: torch.compile the decode step. ARPG compiles its fixed-shape steps (see
+            `static`): one graph for feeding and one for predicting, whatever the schedule, and a
+            later batch of as many rows or fewer reuses them (padded) without compiling again.
         static: fixed-shape decode steps (attention over the whole preallocated cache under a
             validity mask, tokens and queries padded to powers of two), so that with `compile` the
-            step compiles once per bucket and replays as a CUDA graph on CUDA. Same tokens as the
+            steps replay as CUDA graphs on CUDA (one recording per bucket). Same tokens as the
             default dynamic steps; on its own (eager) it is slower. ARPG only.
 
     Decoding strategies (any ARPG checkpoint, no retraining; `docs/bench_quality.png` compares them):
@@ -120,9 +122,9 @@ class SamplingOptions:
                 f"amp must be true, false or null (bf16 where it is fast), got {self.amp!r}")
         require(isinstance(self.static, bool), f"static must be true or false, got {self.static!r}")
         require(self.positions in POSITION_RULES, f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
-        require(not (self.static and self.positions == "confidence"),
-                "static=true decodes a fixed plan of positions; positions=confidence queries every open "
-                "position (shapes change each step): set static=false with it")
+        require(not ((self.static or self.compile) and self.positions == "confidence"),
+                "static=true and compile=true decode a fixed plan of positions; positions=confidence queries "
+                "every open position (shapes change each step): set static=false and compile=false with it")
         require(self.position_noise >= 0, f"position_noise must be >= 0, got {self.position_noise}")
         require(self.temperature_schedule in RAMPS,
                 f"temperature_schedule must be one of {tuple(RAMPS)}, got {self.temperature_schedule!r}")

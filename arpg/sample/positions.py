@@ -10,16 +10,13 @@ loop never reads a value back from the device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from arpg.sample.options import SamplingOptions
-
-# select(step, n, open_targets, logits, tokens) -> order: see `ConfidenceSelector`.
-PositionSelector = Callable[[int, int, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -30,21 +27,32 @@ class ConfidenceSelector:
     guided logits. With noise, the n committed positions are a draw without replacement with
     weights p(token)^(1 / scale) (the Gumbel-top-k trick); without, the n most confident ones.
 
-    Called as `selector(step, n, open_targets, logits, tokens)` with open_targets (B, M) the
-    targets still open (indices into the decode's N targets), logits (B, M, V) their guided
-    float32 logits and tokens (B, M) the tokens drawn for them; returns order (B, M), a
-    permutation of 0..M-1 per sample whose first n entries are the positions to commit.
+    `selector.score(logits, tokens)` gives the scores (B, m) of m open targets from their
+    guided float32 logits (B, m, V) and the tokens (B, m) drawn for them (the decode loop calls
+    it on chunks of the open targets); then `selector(step, n, open_targets, scores)` with
+    open_targets (B, M) the targets still open (indices into the decode's N targets) and their
+    scores (B, M) returns order (B, M), a permutation of 0..M-1 per sample whose first n entries
+    are the positions to commit.
     """
 
     gumbel: Tensor  # (B, S, N) Gumbel noise per step and target, drawn up front
     noise_scales: tuple[float, ...]  # (S,)
 
-    def __call__(self, step: int, n: int, open_targets: Tensor, logits: Tensor, tokens: Tensor) -> Tensor:
-        log_p = logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)  # (B, M)
+    @staticmethod
+    def score(logits: Tensor, tokens: Tensor) -> Tensor:
+        """log p(token) (B, m) under the softmax of logits (B, m, V)."""
+        return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)
+
+    def __call__(self, step: int, n: int, open_targets: Tensor, log_p: Tensor) -> Tensor:
         if self.noise_scales[step] > 0:
             log_p = log_p + self.noise_scales[step] * self.gumbel[:, step].gather(1, open_targets)
         # stable: equal scores keep the plan's order, on any device and batch size
         return log_p.argsort(dim=1, descending=True, stable=True)
+
+
+# select.score(logits, tokens) per chunk of open targets, then select(step, n, open_targets, scores)
+# -> order: see `ConfidenceSelector`.
+PositionSelector = ConfidenceSelector
 
 
 def position_selector(options: SamplingOptions, tokens_per_step: Sequence[int], known: int, total: int,
