@@ -429,6 +429,14 @@ def speed_environment(report: dict) -> str:
             f"{env['load_average_end'][0]:.2f} at the end")
 
 
+def compile_table(report: dict) -> str:
+    rows = {(r["mode"], r["steps"]): r for r in report["sampling"]}
+    lines = ["| mode | steps | images/s | first call (s) | peak MiB |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {mode} | {steps} | {r['images_per_s']:.2f} | {r['warmup_s']:.1f} | {r['peak_mib']:.0f} |"
+              for (mode, steps), r in rows.items()]
+    return "\n".join(lines)
+
+
 def default_run_table(record: dict) -> str:
     lines = ["| CPU | kernels | final loss | digits accuracy | wall clock |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['cpu_kind']} | {r['kernels']}{f' (`{e}`)' if (e := r['env']) else ''} | {r['final_loss']:.4f} | "
@@ -466,9 +474,11 @@ def test_benchmark_tables_are_the_committed_json():
     page = docs_text("docs/benchmarks.md")
     bench = {name: json.loads(docs_text(f"docs/bench_{name}.json")) for name in ("sample", "quality", "families")}
     default = json.loads(docs_text("docs/digits_default.json"))
+    compiled = json.loads(docs_text("docs/bench_compile.json"))
+    assert compiled["environment"]["device"] in page
     for table in (speed_table(bench["sample"]), speed_environment(bench["sample"]), training_table(bench["sample"]),
                   quality_table(bench["quality"]), families_table(bench["families"]),
-                  default_run_table(default), default_run_spread(default)):
+                  default_run_table(default), default_run_spread(default), compile_table(compiled)):
         assert table in page, f"docs/benchmarks.md should hold:\n{table}"
     judge = bench["quality"]["judge"]["held_out_accuracy"]
     assert f"reads {judge:.1%} of held-out real digits" in page
