@@ -8,6 +8,7 @@ import json
 import os
 import runpy
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -113,13 +114,20 @@ def run_script(name: str, *overrides: str) -> int:
 
 
 def in_child(fn) -> int:
-    """Run fn() in a forked copy of this process; its exit status (-9: killed by SIGKILL)."""
+    """Run fn() in a forked copy of this process; its exit status (-9: killed by SIGKILL; 1: it
+    raised, and the traceback is printed). Work that starts threads or worker pools a fork cannot
+    copy (a compiled backward, inductor's compile workers) runs in a child this way too, so that
+    this process can still fork children that train."""
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
         code = 1
         try:
             fn()
             code = 0
+        except BaseException:
+            traceback.print_exc()
         finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(code)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

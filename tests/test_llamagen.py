@@ -24,6 +24,7 @@ from arpg.sample.decode import decode_grid, decode_plan
 from arpg.sample_fid import SampleFIDConfig, image_path, sample_fid
 from arpg.train import TrainConfig, train
 from test_eval import _reference_fid
+from conftest import in_child
 from test_sample import _Recorder  # a `choose` that keeps the guided logits of each step
 
 FAMILY_FILES = ["llamagen", "par"]
@@ -265,7 +266,11 @@ def test_compiled_step_gives_the_same_tokens():
 
     def draw(compile):
         return sample.generate(model, [0, 1, 2], cfg=2.0, compile=compile, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(draw(False), draw(True))
+
+    def same_tokens() -> None:  # in a child: inductor's compile workers would keep this process from forking
+        assert torch.equal(draw(False), draw(True))
+
+    assert in_child(same_tokens) == 0
 
 
 def test_decode_loop_never_syncs(no_host_sync):
