@@ -156,7 +156,7 @@ def test_cached_logits_equal_full_recomputation(model, causal, num_context, cpu_
             return ARPGDecoder(model, conditions, model.position_rope(target_pos), sizes,
                                causal_within_step=causal, use_cache=use_cache, cache_dtype=cache_dtype, **extra)
 
-        decode(model, torch.tensor([0, 1, 3]), make_engine, sizes, recorder, [2.0] * 4, options)
+        decode(model, torch.tensor([0, 1, 3]), make_engine, sizes, recorder, [2.0] * 4)
         runs.append(recorder.logits)
     for cached, recomputed in zip(*runs):
         torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=0)

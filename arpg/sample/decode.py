@@ -20,14 +20,16 @@ How one decode runs (`decode`):
   pass through the model's `condition` (arpg.condition); the loop never looks inside them.
 * The tokens are chosen by a `TokenSampler` (arpg.sample.draw) with uniforms drawn once per call:
   per generator part, the order, then one uniform per canvas position (then, for a position
-  selector, one per step and canvas position).
+  selector, one per step and canvas position). `generate` and editing share this setup: one
+  `Draws` (`prepare_draws`) holds the options, conditions, generators and noise of a call.
 * A position selector (`SamplingOptions.positions`, arpg.sample.positions) varies the plan: each
   step queries every open position and commits the step's count of them, chosen after the logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -93,8 +95,7 @@ def cfg_scales(options: SamplingOptions, tokens_per_step: Sequence[int], known: 
 @torch.no_grad()
 def decode(model: nn.Module, conditions: Any, make_engine: Callable[[Any, torch.dtype], StepEngine],
            tokens_per_step: Sequence[int], choose: Choose, scales: Optional[Sequence[float]],
-           options: SamplingOptions, progress: bool = False, select: Optional[PositionSelector] = None
-           ) -> Tensor:
+           progress: bool = False, select: Optional[PositionSelector] = None, *, bf16: bool = False) -> Tensor:
     """Decode N = sum(tokens_per_step) targets for each of B samples -> tokens (B, N), one per target
     (the engine's targets, in the plan's order).
 
@@ -106,10 +107,10 @@ def decode(model: nn.Module, conditions: Any, make_engine: Callable[[Any, torch.
         tokens_per_step: how many targets each step commits.
         choose: picks the tokens of each step from the guided logits (see `Choose`).
         scales: guidance scale per step (`cfg_scales`), or None for no guidance.
-        options: its `amp` decides bf16 (autocast, bf16 cache and decode weights) on any device
-            (`arpg.runtime.use_bf16`: by default on CUDA, float32 on a CPU).
         select: a position selector (arpg.sample.positions): each step then draws a token for every
             open target and commits the ones `select` puts first; None commits the plan's.
+        bf16: autocast, a bf16 cache and bf16 decode weights (`SamplingOptions.amp` decided by
+            `arpg.runtime.use_bf16`); False: the model's own dtype.
     """
     condition, device = model.condition, next(model.parameters()).device
     B, N = condition.batch_size(conditions), sum(tokens_per_step)
@@ -119,7 +120,6 @@ def decode(model: nn.Module, conditions: Any, make_engine: Callable[[Any, torch.
     chosen = torch.empty(2 * B if guided else B, N, dtype=torch.long, device=device)  # both halves feed the same
     # decode slot -> target; a selector rearranges the open slots after each step
     arrangement = torch.arange(N, device=device).repeat(B, 1) if select is not None else None
-    use_amp = use_bf16(options.amp, device)
 
     def guide(logits: Tensor, step: int) -> Tensor:
         """(rows, m, V) -> (B, m, V): uncond + (cond - uncond) * scale, in place in the cond rows."""
@@ -127,8 +127,8 @@ def decode(model: nn.Module, conditions: Any, make_engine: Callable[[Any, torch.
             return logits
         return logits[:B].sub_(logits[B:]).mul_(scales[step]).add_(logits[B:])
 
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        engine = make_engine(conditions, torch.bfloat16 if use_amp else next(model.parameters()).dtype)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        engine = make_engine(conditions, torch.bfloat16 if bf16 else next(model.parameters()).dtype)
         start, fed = 0, None
         for step, n in enumerate(tqdm(tokens_per_step, desc="decoding", unit="step", leave=False,
                                       disable=not progress)):
@@ -222,22 +222,11 @@ def generate(model: nn.Module, conditions: Any, options: Optional[SamplingOption
     Returns:
         tokens (B, h, w) in raster order, or images (B, C, H, W) in [-1, 1] with a tokenizer.
     """
-    options = resolve_options(model.sampling, options, overrides)
-    check_tokenizer(model, tokenizer)
-    device = next(model.parameters()).device
-    conditions = model.condition.check(conditions, device=device)
-    B, (h, w) = model.condition.batch_size(conditions), model.grid
-    parts = split_generators(generator, B)
-    plan = decode_plan(model, options, B, parts, device)
-    uniforms = draw_uniforms(parts, h * w, device).gather(1, plan.order)  # one per position, in decode order
-    sampler = token_sampler(options, uniforms, plan.tokens_per_step, known=0, total=h * w)
-    select = None
-    if options.positions != "plan":
-        noise = draw_uniforms(parts, plan.num_steps * h * w, device).view(B, plan.num_steps, h * w)
-        select = position_selector(options, plan.tokens_per_step, 0, h * w,
-                                   noise.gather(2, plan.order[:, None].expand_as(noise)))
-    tokens = decode_grid(model, conditions, plan, sampler, options, progress, select)
-    return tokenizer.decode(tokens) if tokenizer is not None else tokens
+    draws = prepare_draws(model, conditions, options, overrides, generator, tokenizer)
+    plan = decode_plan(model, draws.options, draws.batch, draws.parts, draws.device)
+    draws.draw_noise(plan.order.shape[1], plan.num_steps)
+    sampler, select = draws.rules(plan.order, plan.tokens_per_step, known=0)
+    return draws.output(decode_grid(model, draws.conditions, plan, sampler, draws.options, progress, select))
 
 
 def token_sampler(options: SamplingOptions, uniforms: Tensor, tokens_per_step: Sequence[int], known: int,
@@ -258,16 +247,14 @@ def decode_grid(model: nn.Module, conditions: Any, plan: DecodePlan, choose: Cho
     h, w = model.grid
     require(select is None or not model.decode_rules.fixed,
             f"positions: {model.system} decodes only along its own sequence; use positions='plan'")
-    runtime = dict(causal_within_step=options.causal_within_step, use_cache=options.use_cache,
-                   compile=options.compile, static=options.static)
-    if select is not None:
-        runtime["query_open"] = True
+    runtime = engine_options(options, query_open=select is not None)
 
     def make_engine(rows: Any, cache_dtype: torch.dtype) -> StepEngine:
         return model.decoder(rows, plan.order, plan.tokens_per_step, (h, w), cache_dtype=cache_dtype, **runtime)
 
     scales = cfg_scales(options, plan.tokens_per_step, known=0, total=h * w)
-    per_target = decode(model, conditions, make_engine, plan.tokens_per_step, choose, scales, options, progress, select)
+    per_target = decode(model, conditions, make_engine, plan.tokens_per_step, choose, scales, progress, select,
+                        bf16=use_bf16(options.amp, next(model.parameters()).device))
     return torch.empty_like(per_target).scatter_(1, plan.order, per_target).view(-1, h, w)
 
 
@@ -276,3 +263,73 @@ def check_tokenizer(model: nn.Module, tokenizer: Any) -> None:
     require(tokenizer is None or tokenizer.codebook_size == model.config.vocab_size,
             f"tokenizer has {getattr(tokenizer, 'codebook_size', '?')} codes but the model's vocab_size is "
             f"{model.config.vocab_size}; pass the tokenizer the model was trained on")
+
+
+def engine_options(options: SamplingOptions, query_open: bool = False) -> dict[str, Any]:
+    """The keywords every step engine takes from the options (`query_open` only where a position
+    selector runs: the fixed-order engines do not take it)."""
+    runtime: dict[str, Any] = dict(causal_within_step=options.causal_within_step, use_cache=options.use_cache,
+                                   compile=options.compile, static=options.static)
+    if query_open:
+        runtime["query_open"] = True
+    return runtime
+
+
+@dataclass
+class Draws:
+    """What one `generate` or editing call prepares once (`prepare_draws`): the resolved options,
+    the checked conditions, the generator parts, and the noise drawn up front per canvas position
+    (`draw_noise`, after the orders), from which each decode of a set of targets gets its token
+    sampler and position selector (`rules`)."""
+
+    options: SamplingOptions
+    conditions: Any
+    batch: int
+    parts: list[tuple[int, Optional[torch.Generator]]]
+    device: torch.device
+    tokenizer: Any = None
+    uniforms: Optional[Tensor] = None  # (B, P) one per canvas position
+    position_noise: Optional[Tensor] = None  # (B, S, P) one per step and canvas position, for a selector
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the decode runs in bf16 (`SamplingOptions.amp` on this device)."""
+        return use_bf16(self.options.amp, self.device)
+
+    def draw_noise(self, positions: int, num_steps: int) -> None:
+        """Draw, per generator part, one uniform per canvas position, then (for a position
+        selector) one per step (at most `num_steps`) and canvas position."""
+        self.uniforms = draw_uniforms(self.parts, positions, self.device)
+        if self.options.positions != "plan":
+            noise = draw_uniforms(self.parts, num_steps * positions, self.device)
+            self.position_noise = noise.view(self.batch, num_steps, positions)
+
+    def rules(self, targets: Tensor, tokens_per_step: Sequence[int], known: int, total: Optional[int] = None,
+              rows: Optional[Tensor] = None) -> tuple[TokenSampler, Optional[PositionSelector]]:
+        """(token sampler, position selector or None) of a decode of the canvas positions `targets`
+        (G, N), in decode order, for the samples `rows` (default all), after `known` context tokens
+        out of `total` (default: the canvas)."""
+        uniforms = self.uniforms if rows is None else self.uniforms[rows]
+        total = uniforms.shape[1] if total is None else total
+        sampler = token_sampler(self.options, uniforms.gather(1, targets), tokens_per_step, known, total)
+        if self.position_noise is None:
+            return sampler, None
+        noise = self.position_noise if rows is None else self.position_noise[rows]
+        noise = noise.gather(2, targets[:, None].expand(-1, noise.shape[1], -1))
+        return sampler, position_selector(self.options, tokens_per_step, known, total, noise)
+
+    def output(self, tokens: Tensor) -> Tensor:
+        """The tokens, or the images they decode to with a tokenizer."""
+        return self.tokenizer.decode(tokens) if self.tokenizer is not None else tokens
+
+
+def prepare_draws(model: nn.Module, conditions: Any, options: Optional[SamplingOptions | Mapping[str, Any]],
+                  overrides: Mapping[str, Any], generator: Generators, tokenizer: Any) -> Draws:
+    """The setup `generate` and editing share: the options (`resolve_options`), the tokenizer
+    check, the conditions checked onto the model's device, and the generator parts."""
+    options = resolve_options(model.sampling, options, overrides)
+    check_tokenizer(model, tokenizer)
+    device = next(model.parameters()).device
+    conditions = model.condition.check(conditions, device=device)
+    batch = model.condition.batch_size(conditions)
+    return Draws(options, conditions, batch, split_generators(generator, batch), device, tokenizer)

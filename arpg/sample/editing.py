@@ -18,10 +18,9 @@ from arpg.models.arpg import ARPG
 from arpg.models.arpg_steps import ARPGDecoder
 from arpg.models.layers import rope_2d
 from arpg.orders import SCHEDULE_AWARE_ORDERS, decode_schedule, locality_order, make_order, random_order
-from arpg.sample.decode import (Generators, StepEngine, cfg_scales, check_tokenizer, decode, draw_uniforms,
-                                resolve_decoding, split_generators, token_sampler)
-from arpg.sample.options import SamplingOptions, resolve_options
-from arpg.sample.positions import position_selector
+from arpg.sample.decode import (Generators, StepEngine, cfg_scales, decode, engine_options, prepare_draws,
+                                resolve_decoding)
+from arpg.sample.options import SamplingOptions
 
 
 def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, conditions: Any,
@@ -57,14 +56,10 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, conditions: Any,
     Returns:
         tokens (B, H, W), or images with a tokenizer.
     """
-    options = resolve_options(model.sampling, options, overrides)
     require(isinstance(model, ARPG), f"model: editing needs an ARPG model (any position can be queried), "
                                      f"got {model.system}")
-    check_tokenizer(model, tokenizer)
-    device = model.head.weight.device
-    condition = model.condition
-    conditions = condition.check(conditions, device=device)
-    B = condition.batch_size(conditions)
+    draws = prepare_draws(model, conditions, options, overrides, generator, tokenizer)
+    options, conditions, B, device, condition = draws.options, draws.conditions, draws.batch, draws.device, model.condition
     tokens, known = _check_canvas(model, tokens, keep_mask, B)
     H, W = tokens.shape[1:]
     order, steps, schedule = resolve_decoding(model.decode_rules, options)
@@ -73,18 +68,14 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, conditions: Any,
     require(position_scale > 0, f"position_scale must be > 0, got {position_scale}")
 
     # All randomness up front, per generator part: a random context order, the decode order
-    # (both as ranks over canvas positions), one uniform per canvas position, and for a position
-    # selector one per step and canvas position.
-    parts = split_generators(generator, B)
+    # (both as ranks over canvas positions), then the draws' noise per canvas position.
+    parts = draws.parts
     context_rank = _ranks(torch.cat([random_order(rows, H * W, g, device) for rows, g in parts]))
     if isinstance(order, Tensor):
         order_rank = _ranks(make_order(order, B, H, W, device=device))
     else:
         order_rank = _ranks(torch.cat([make_order(order, rows, H, W, g, device) for rows, g in parts]))
-    uniforms = draw_uniforms(parts, H * W, device)
-    num_steps = steps if steps is not None else len(schedule)  # the most any count's decode takes
-    if options.positions != "plan":
-        position_uniforms = draw_uniforms(parts, num_steps * H * W, device).view(B, num_steps, H * W)
+    draws.draw_noise(H * W, steps if steps is not None else len(schedule))  # the most steps any count's decode takes
     coordinates = torch.arange(H * W, device=device)
     rope = rope_2d((coordinates // W) * position_scale, (coordinates % W) * position_scale,
                    model.config.head_dim, model.config.rope_base)  # (H*W, D/2, 2)
@@ -102,25 +93,20 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, conditions: Any,
         if isinstance(order, str) and order in SCHEDULE_AWARE_ORDERS:  # spread around the known tokens
             target_pos = locality_order(order_rank[rows].argsort(dim=1), H, W, tokens_per_step, known[rows])
         context_ids = tokens[rows].gather(1, context_pos)
-        select = None
-        if options.positions != "plan":  # the selector only ever sees the unknown positions
-            noise = position_uniforms[rows].gather(2, target_pos[:, None].expand(-1, num_steps, -1))
-            select = position_selector(options, tokens_per_step, K, H * W, noise)
+        sampler, select = draws.rules(target_pos, tokens_per_step, K, H * W, rows)  # a selector sees the unknown only
+        runtime = engine_options(options, query_open=select is not None)
 
         def make_engine(engine_rows: Any, cache_dtype: torch.dtype) -> StepEngine:
             repeat = condition.batch_size(engine_rows) // context_ids.shape[0]  # 2 with guidance: the same context
             return ARPGDecoder(model, engine_rows, rope[target_pos], tokens_per_step,
                                context_ids=context_ids.repeat(repeat, 1), context_rope=rope[context_pos],
-                               causal_within_step=options.causal_within_step, use_cache=options.use_cache,
-                               compile=options.compile, static=options.static, cache_dtype=cache_dtype,
-                               query_open=select is not None)
+                               cache_dtype=cache_dtype, **runtime)
 
-        sampler = token_sampler(options, uniforms[rows].gather(1, target_pos), tokens_per_step, K, H * W)
         scales = cfg_scales(options, tokens_per_step, known=K, total=H * W)
-        new = decode(model, condition.take(conditions, rows), make_engine, tokens_per_step, sampler, scales, options, progress, select)
+        new = decode(model, condition.take(conditions, rows), make_engine, tokens_per_step, sampler, scales, progress,
+                     select, bf16=draws.bf16)
         tokens[rows] = tokens[rows].scatter(1, target_pos, new)
-    tokens = tokens.view(B, H, W)
-    return tokenizer.decode(tokens) if tokenizer is not None else tokens
+    return draws.output(tokens.view(B, H, W))
 
 
 def outpaint(model: ARPG, tokens: Tensor, conditions: Any, size: tuple[int, int],
