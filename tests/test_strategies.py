@@ -296,6 +296,27 @@ def test_inpaint_with_confidence_batch_equals_single_runs_with_different_counts(
         assert torch.equal(single, out[b:b + 1])
 
 
+def test_a_rule_registered_in_selectors_is_a_positions_value(model, monkeypatch):
+    """The extension point: a selector builder under a new name in `SELECTORS` is all a rule needs."""
+    import arpg.sample.positions as positions
+
+    class LastFirst:  # commits the open positions from the end of the plan
+        score = staticmethod(positions.ConfidenceSelector.score)
+
+        def __call__(self, step, n, open_targets, scores):
+            return torch.arange(open_targets.shape[1] - 1, -1, -1).expand_as(open_targets)
+
+    built = []
+    monkeypatch.setitem(positions.SELECTORS, "last_first", lambda *args: built.append(args) or LastFirst())
+    out = sample.generate(model, [0, 1], steps=4, cfg=None, positions="last_first", order="raster",
+                          generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, GRID, GRID) and len(built) == 1
+    keep = torch.zeros(GRID, GRID, dtype=torch.bool)
+    keep[0] = True
+    sample.inpaint(model, out, keep, [0, 1], steps=3, cfg=2.0, positions="last_first")
+    assert len(built) == 2 and built[1][2] == GRID  # the known tokens reach the builder
+
+
 # ---------------------------------------------------------------------------------------------
 # Options
 

@@ -41,7 +41,7 @@ from arpg.orders import SCHEDULES, DecodePlan, DecodeRules, make_plan
 from arpg.runtime import use_bf16
 from arpg.sample.draw import TokenSampler
 from arpg.sample.options import SamplingOptions, resolve_options
-from arpg.sample.positions import PositionSelector, position_selector
+from arpg.sample.positions import SELECTORS, PositionSelector, position_selector
 
 # choose(step, slots, logits): the tokens (B, n) for the targets `slots` of step `step` given their
 # guided float32 logits (B, n, V), which it may overwrite; `slots` is a slice of the N targets, or
@@ -300,7 +300,7 @@ class Draws:
         """Draw, per generator part, one uniform per canvas position, then (for a position
         selector) one per step (at most `num_steps`) and canvas position."""
         self.uniforms = draw_uniforms(self.parts, positions, self.device)
-        if self.options.positions != "plan":
+        if SELECTORS[self.options.positions] is not None:
             noise = draw_uniforms(self.parts, num_steps * positions, self.device)
             self.position_noise = noise.view(self.batch, num_steps, positions)
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from arpg.errors import require
 from arpg.orders import ORDERS, SCHEDULES
+from arpg.sample.positions import SELECTORS
 
 # How a per-step setting (guidance scale, temperature) moves over a decode, from its `value` and
 # the number of tokens `determined` (known or decoded) after the step, out of `total`.
@@ -28,7 +29,6 @@ RAMPS: dict[str, Callable[[float, int, int], float]] = {
     "falling": lambda value, determined, total: 1.0 + (value - 1.0) * (total - determined) / total,
 }
 CFG_SCHEDULES = tuple(RAMPS)
-POSITION_RULES = ("plan", "confidence")
 
 
 @dataclass
@@ -121,9 +121,9 @@ class SamplingOptions:
         require(self.amp is None or isinstance(self.amp, bool),
                 f"amp must be true, false or null (bf16 where it is fast), got {self.amp!r}")
         require(isinstance(self.static, bool), f"static must be true or false, got {self.static!r}")
-        require(self.positions in POSITION_RULES, f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
-        require(not ((self.static or self.compile) and self.positions == "confidence"),
-                "static=true and compile=true decode a fixed plan of positions; positions=confidence queries "
+        require(self.positions in SELECTORS, f"positions must be one of {tuple(SELECTORS)}, got {self.positions!r}")
+        require(not ((self.static or self.compile) and self.positions != "plan"),
+                f"static=true and compile=true decode a fixed plan of positions; positions={self.positions} queries "
                 "every open position (shapes change each step): set static=false and compile=false with it")
         require(self.position_noise >= 0, f"position_noise must be >= 0, got {self.position_noise}")
         require(self.temperature_schedule in RAMPS,

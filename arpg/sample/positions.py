@@ -6,17 +6,19 @@ decoded, the loop (`arpg.sample.decode.decode`) draws a token for each, and the 
 the open positions rearranged so that the ones to commit come first; the engine feeds those at the
 next step, and the rest stay open. The number committed per step is still the plan's, so the
 loop never reads a value back from the device.
+
+A new rule is a selector and its builder here, under its name in `SELECTORS`: that name is then
+a value of `SamplingOptions.positions`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import Tensor
-
-from arpg.sample.options import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,38 @@ class ConfidenceSelector:
         return log_p.argsort(dim=1, descending=True, stable=True)
 
 
-# select.score(logits, tokens) per chunk of open targets, then select(step, n, open_targets, scores)
-# -> order: see `ConfidenceSelector`.
-PositionSelector = ConfidenceSelector
+class PositionSelector(Protocol):
+    """What the decode loop asks of a selector: `score(logits, tokens)` per chunk of open
+    targets, then `selector(step, n, open_targets, scores)` -> order (see `ConfidenceSelector`)."""
+
+    def score(self, logits: Tensor, tokens: Tensor) -> Tensor: ...
+
+    def __call__(self, step: int, n: int, open_targets: Tensor, scores: Tensor) -> Tensor: ...
 
 
-def position_selector(options: SamplingOptions, tokens_per_step: Sequence[int], known: int, total: int,
-                      uniforms: Tensor) -> ConfidenceSelector:
-    """The selector `options.positions` asks for (any but "plan", which needs none).
+def confidence_selector(options: Any, tokens_per_step: Sequence[int], known: int, total: int,
+                        uniforms: Tensor) -> ConfidenceSelector:
+    """The "confidence" rule: Gumbel noise of scale `options.position_noise`, annealed with the
+    fraction of the canvas still undetermined before each step."""
+    scales, undetermined = [], total - known
+    for n in tokens_per_step:
+        scales.append(options.position_noise * undetermined / total)
+        undetermined -= n
+    gumbel = -torch.log(-torch.log(uniforms.clamp(min=torch.finfo(uniforms.dtype).tiny)))
+    return ConfidenceSelector(gumbel, tuple(scales))
+
+
+# rule name -> builder(options, tokens_per_step, known, total, uniforms) of its selector; None: the
+# plan's positions, no selector. (This module imports no options, so options.py can read the names.)
+SELECTORS: dict[str, Optional[Callable[..., PositionSelector]]] = {
+    "plan": None,
+    "confidence": confidence_selector,
+}
+
+
+def position_selector(options: Any, tokens_per_step: Sequence[int], known: int, total: int,
+                      uniforms: Tensor) -> Optional[PositionSelector]:
+    """The selector of the rule `options.positions` (a `SamplingOptions`), or None for "plan".
 
     Args:
         tokens_per_step: the decode's step sizes.
@@ -65,9 +91,5 @@ def position_selector(options: SamplingOptions, tokens_per_step: Sequence[int], 
             fraction still undetermined before each step).
         uniforms: (B, S, N) uniforms in (0, 1) for the noise, S >= the number of steps.
     """
-    scales, undetermined = [], total - known
-    for n in tokens_per_step:
-        scales.append(options.position_noise * undetermined / total)
-        undetermined -= n
-    gumbel = -torch.log(-torch.log(uniforms.clamp(min=torch.finfo(uniforms.dtype).tiny)))
-    return ConfidenceSelector(gumbel, tuple(scales))
+    build = SELECTORS[options.positions]
+    return None if build is None else build(options, tokens_per_step, known, total, uniforms)
