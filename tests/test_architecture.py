@@ -138,7 +138,7 @@ def test_a_new_sampling_default_reaches_every_entry_point(monkeypatch, tmp_path)
     monkeypatch.setattr(arpg.train.loop, "generate", recording_generate)
     config = compose_config("train", TrainConfig,
                             ["max_steps=1", "model.dim=16", "model.n_layer=2", "model.n_head=2", "model.multiple_of=16",
-                             "sample.per_class=1", "sample.eval_samples=0", "tensorboard=false",
+                             "grids.per_class=1", "grids.eval_samples=0", "tensorboard=false",
                              f"out_dir={tmp_path / 'run'}"])
     arpg.train.loop.train(config)
     assert seen == [0.875]

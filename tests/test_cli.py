@@ -26,9 +26,9 @@ def test_every_script_refuses_a_stray_appended_key(script, capsys, tmp_path, mon
 def test_a_user_error_is_one_line_and_leaves_nothing_behind(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out_dir = tmp_path / "run"
-    assert run_script("train", "sample.per_class=1", "sample.classes=[0,11]", f"out_dir={out_dir}") == 1
+    assert run_script("train", "grids.per_class=1", "grids.classes=[0,11]", f"out_dir={out_dir}") == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line == ("error: sample.classes must be class ids in [0, 10) (the data's classes), got [0, 11] "
+    assert line == ("error: grids.classes must be class ids in [0, 10) (the data's classes), got [0, 11] "
                     f"(set {TRACEBACK_ENV}=1 for the traceback)")
     assert not list(tmp_path.iterdir())  # neither out_dir (nor its hydra/) nor outputs/
     # A section's own check names the section's key.
@@ -42,10 +42,10 @@ def test_a_user_error_is_one_line_and_leaves_nothing_behind(capsys, tmp_path, mo
     assert capsys.readouterr().err.startswith("error: token_grid must be >= 1 or null, got 0")
     # A text file given as the checkpoint to resume: the file named, nothing left behind.
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    assert run_script("train", f"resume={tmp_path / 'notes.pt'}", f"out_dir={out_dir}", "sample.per_class=0") == 1
+    assert run_script("train", f"resume={tmp_path / 'notes.pt'}", f"out_dir={out_dir}", "grids.per_class=0") == 1
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'notes.pt'} is not a readable PyTorch file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.pt"]
     # The full traceback on request.
     monkeypatch.setenv(TRACEBACK_ENV, "1")
-    with pytest.raises(SettingError, match="sample.classes"):
-        run_script("train", "sample.per_class=1", "sample.classes=[0,11]", f"out_dir={out_dir}")
+    with pytest.raises(SettingError, match="grids.classes"):
+        run_script("train", "grids.per_class=1", "grids.classes=[0,11]", f"out_dir={out_dir}")

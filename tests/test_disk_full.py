@@ -38,8 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A tiny digits run: checkpoints at steps 2, 4, 6, 8, then model.safetensors.
 TINY_RUN = ["model.dim=32", "model.n_layer=2", "model.n_head=2", "model.multiple_of=32", "optim.batch_size=16",
-            "max_steps=8", "ckpt_every=2", "log_every=1", "tensorboard=false", "sample.per_class=0",
-            "sample.eval_samples=0"]
+            "max_steps=8", "ckpt_every=2", "log_every=1", "tensorboard=false", "grids.per_class=0",
+            "grids.eval_samples=0"]
 
 
 def refuse_file_fsync(monkeypatch, at: int, code: int = errno.ENOSPC) -> None:
@@ -316,7 +316,7 @@ def test_training_into_a_real_small_file_system(tmp_path, capsys):
         pytest.skip("mounting a tmpfs needs root")
     try:
         command = [f"out_dir={small / 'run'}", "max_steps=8", "ckpt_every=4", "log_every=4", "tensorboard=false",
-                   "sample.per_class=0", "sample.eval_samples=0"]
+                   "grids.per_class=0", "grids.eval_samples=0"]
         for attempt in range(2):  # the rerun resumes from step 4 and fails the same way
             assert run_script("train", *command) == 1
             (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -22,7 +22,7 @@ def test_each_size_has_its_own_run_the_published_recipe_and_its_published_guidan
     assert config.name == f"imagenet_arpg_{size}" and config.model.name == model
     assert config.runtime.strategy == strategy
     assert (config.optim, config.data, config.epochs, config.order) == (base.optim, base.data, base.epochs, base.order)
-    assert config.sample == base.sample
+    assert config.grids == base.grids
     preset = compose_config("sample_fid", SampleFIDConfig, [f"preset=arpg_{size}", "checkpoint=x.pt"]).sampling
     for field in ("steps", "schedule", "cfg", "cfg_schedule"):  # order: None is ARPG's random, as the preset's
         assert getattr(config.sampling, field) == preset[field], field

@@ -129,7 +129,7 @@ def test_a_training_run_records_its_sampling_with_its_weights(tmp_path):
 
     config = compose_config("train", TrainConfig, [
         "max_steps=1", "model.dim=16", "model.n_layer=2", "model.n_head=2", "model.multiple_of=16",
-        "sample.per_class=0", "sample.eval_samples=0", "tensorboard=false", f"out_dir={tmp_path / 'run'}"])
+        "grids.per_class=0", "grids.eval_samples=0", "tensorboard=false", f"out_dir={tmp_path / 'run'}"])
     result = train(config)
     assert config.sampling.schedule == "cube"  # the digits recipe
     assert load_model(result.weights).sampling == config.sampling

@@ -319,7 +319,7 @@ def test_class_dropout_trains_the_null_row_and_eval_is_deterministic():
 def _train_config(tmp_path, experiment: str, *extra: str) -> TrainConfig:
     return compose_config("train", TrainConfig, [
         f"experiment={experiment}", f"out_dir={tmp_path / experiment}", "max_steps=3", "log_every=1",
-        "optim.batch_size=16", "tensorboard=false", "sample.per_class=0", "sample.eval_samples=0",
+        "optim.batch_size=16", "tensorboard=false", "grids.per_class=0", "grids.eval_samples=0",
         "model.dim=16", "model.n_layer=2", "model.n_head=2", "model.multiple_of=16", *extra])
 
 
@@ -335,7 +335,7 @@ def test_each_family_trains_with_the_shared_loop(tmp_path, experiment, regions):
 @pytest.mark.parametrize("override, message", [
     ("model.cls_rope=identity", "model.cls_rope does not apply to PAR-tiny"),
     ("order=raster", "order: PAR-tiny trains along its own sequence"),
-    ("sampling.steps=8 sample.eval_samples=10", "sampling.steps: PAR decodes in 19 steps here"),
+    ("sampling.steps=8 grids.eval_samples=10", "sampling.steps: PAR decodes in 19 steps here"),
 ])
 def test_bad_family_settings_fail_before_any_work(tmp_path, override, message):
     config = _train_config(tmp_path, "digits_par", *override.split())
@@ -475,7 +475,7 @@ def test_sample_fid_reads_a_par_pt_at_its_grid_and_resizes(tmp_path):
 def test_bench_families_reduced_run_writes_every_field(tmp_path, capsys):
     from arpg.reports.families import BenchFamiliesConfig, bench_families
 
-    small = ["max_steps=2", "tensorboard=false", "sample.per_class=0", "sample.eval_samples=0", "model.dim=16",
+    small = ["max_steps=2", "tensorboard=false", "grids.per_class=0", "grids.eval_samples=0", "model.dim=16",
              "model.n_layer=2", "model.n_head=2", "model.multiple_of=16", "optim.batch_size=16"]
     families = {"ARPG": [], "LlamaGen": ["experiment=digits_llamagen"], "PAR-4x": ["experiment=digits_par"]}
     config = BenchFamiliesConfig(families=families, train_overrides=small, train_root=str(tmp_path / "runs"), steps=[1, 8], samples=20,

@@ -43,8 +43,8 @@ DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # What makes a documented command small; each appended override replaces the documented value or adds a key.
 SCALE_DOWN = {
     "extract_codes": ["image_size=32", "augment=none", "device=cpu"],
-    "train": ["max_steps=3", "optim.batch_size=4", "optim.warmup_epochs=0", "sample.per_class=1",
-              "sample.eval_samples=20", "log_every=1", "tensorboard=false", "runtime.device=cpu"],
+    "train": ["max_steps=3", "optim.batch_size=4", "optim.warmup_epochs=0", "grids.per_class=1",
+              "grids.eval_samples=20", "log_every=1", "tensorboard=false", "runtime.device=cpu"],
     "sample": ["sampling.steps=4", "device=cpu"],
     "sample_fid": ["num_images=4", "batch_size=4", "sampling.steps=4", "device=cpu"],
     "evaluate": ["extractor=test_readme:pixel_features", "splits=2"],
@@ -191,7 +191,7 @@ def test_every_documented_command_composes(block, words):
     config = compose_config(script, script_schema(script), overrides)
     if script == "train":  # the user's files (data, VQ weights) are not here: checked as if on the digits
         validate(dataclasses.replace(config, data=dataclasses.replace(config.data, name="digits", path=None),
-                                     sample=dataclasses.replace(config.sample, vq_ckpt="")))
+                                     grids=dataclasses.replace(config.grids, vq_ckpt="")))
 
 
 def test_console_commands_of_the_docs_are_installed():

@@ -208,7 +208,7 @@ def test_caption_shards_train_a_text_model(tmp_path):
         "model=llamagen_tiny", "model.dim=32", "model.n_layer=2", "model.n_head=2", "model.multiple_of=32",
         "data=codes", "condition=text", f"data.path={tmp_path / 'codes'}", "optim.batch_size=8", "max_steps=2",
         "log_every=1",
-        "tensorboard=false", "sample.per_class=0", "sample.eval_samples=0", f"out_dir={tmp_path / 'run'}"])
+        "tensorboard=false", "grids.per_class=0", "grids.eval_samples=0", f"out_dir={tmp_path / 'run'}"])
     result = train(config)
     model = load_model(result.weights)
     assert isinstance(model.condition, TextCondition) and model.config.cls_token_num == 6

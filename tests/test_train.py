@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.dim=32", "model.n_layer=2", "model.n_head=2", "model.multiple_of=32",
          "model.token_dropout_p=0.1", "model.resid_dropout_p=0.1", "model.ffn_dropout_p=0.1",
          "optim.batch_size=16", "optim.warmup_epochs=0.1", "optim.ema_decay=0.9",
-         "log_every=1", "tensorboard=false", "sample.per_class=0", "sample.eval_samples=0"]
+         "log_every=1", "tensorboard=false", "grids.per_class=0", "grids.eval_samples=0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
@@ -80,7 +80,7 @@ def test_default_config_is_the_tiny_digits_recipe():
     assert config.runtime.mixed_precision == "no" and config.sampling.steps == 8
     resolved = resolve(config, digits_dataset())  # what the data decides: the name, folder and grids
     assert (resolved.name, resolved.out_dir) == ("tiny_digits", "runs/tiny_digits")
-    assert (resolved.sample.tokenizer, resolved.sample.classes) == ("pixel", list(range(10)))
+    assert (resolved.grids.tokenizer, resolved.grids.classes) == ("pixel", list(range(10)))
 
 
 def test_imagenet_experiment_is_the_published_recipe():
@@ -113,14 +113,14 @@ def test_appended_unknown_key_is_an_error_naming_it(tmp_path):
     ("optim.grad_accum=3", "optim.batch_size must be divisible by num_processes x optim.grad_accum"),
     ("data=codes data.path=/nonexistent/codes", "data.path '/nonexistent/codes'"),
     ("order=spiral", "order must be one of"),
-    ("sample.per_class=1 sample.tokenizer=vq16 sample.vq_ckpt=/missing/vq.pt",
-     "sample.vq_ckpt '/missing/vq.pt' not found"),
+    ("grids.per_class=1 grids.tokenizer=vq16 grids.vq_ckpt=/missing/vq.pt",
+     "grids.vq_ckpt '/missing/vq.pt' not found"),
     # checked against the data (8x8 digits, 17 grey levels, 10 classes, 1797 images) before any work
-    ("sample.per_class=1 sampling.steps=100", "sampling.steps must be in [1, 64], got 100"),
-    ("sample.eval_samples=10 sampling.schedule=regions", "sampling.schedule='regions'"),
-    ("sample.per_class=1 sample.classes=[0,11]", "sample.classes must be class ids in [0, 10)"),
+    ("grids.per_class=1 sampling.steps=100", "sampling.steps must be in [1, 64], got 100"),
+    ("grids.eval_samples=10 sampling.schedule=regions", "sampling.schedule='regions'"),
+    ("grids.per_class=1 grids.classes=[0,11]", "grids.classes must be class ids in [0, 10)"),
     ("optim.batch_size=4096", "optim.batch_size must be <= the data set size 1797"),
-    ("sample.per_class=1 sample.classes=[]", "sample.classes must name at least one class"),
+    ("grids.per_class=1 grids.classes=[]", "grids.classes must name at least one class"),
     ("resume_changes=[model]", "resume_changes must name some of"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, override, message):
@@ -232,8 +232,8 @@ def straight_run(tmp_path_factory):
     the end, and the digits accuracy."""
     out_dir = tmp_path_factory.mktemp("straight")
     result = train(make_config(*RESUME, f"out_dir={out_dir}",
-                               "tensorboard=true", "sample.per_class=2", "sample.every_steps=4",
-                               "sample.eval_samples=20"))
+                               "tensorboard=true", "grids.per_class=2", "grids.every_steps=4",
+                               "grids.eval_samples=20"))
     return result, checkpoint_state(out_dir / "checkpoints" / "step_0000008.pt")
 
 
@@ -403,18 +403,18 @@ def _codes_folder(root: Path, num_classes: int = 3, count: int = 24) -> Path:
 def test_training_on_codes_takes_tokenizer_classes_and_name_from_the_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _codes_folder(tmp_path / "data" / "my_codes")
-    small = [o for o in SMALL if not o.startswith(("sample.per_class", "optim.batch_size"))]
+    small = [o for o in SMALL if not o.startswith(("grids.per_class", "optim.batch_size"))]
     config = make_config(*small, "data=codes", "data.path=data/my_codes", "optim.batch_size=8", "max_steps=2",
-                         "sample.per_class=2")
-    assert config.name is config.out_dir is config.sample.tokenizer is config.sample.classes is None
+                         "grids.per_class=2")
+    assert config.name is config.out_dir is config.grids.tokenizer is config.grids.classes is None
     result = train(config)
     assert result.out_dir == tmp_path / "runs" / "tiny_my_codes"
     with Image.open(result.samples) as grid:  # 3 rows (the data's classes) of 2 images, 8x8 enlarged to 32x32
         assert grid.size == (2 * 34 + 2, 3 * 34 + 2)
     # The digits recipe's classes 0..9 on a 3-class set: refused before any work, naming the setting.
-    with pytest.raises(SettingError, match=re.escape("sample.classes must be class ids in [0, 3)")):
+    with pytest.raises(SettingError, match=re.escape("grids.classes must be class ids in [0, 3)")):
         train(make_config(*small, "data=codes", "data.path=data/my_codes", "optim.batch_size=8",
-                          "sample.classes=[0,1,2,3,4,5,6,7,8,9]", "name=other"))
+                          "grids.classes=[0,1,2,3,4,5,6,7,8,9]", "name=other"))
     assert not (tmp_path / "runs" / "other").exists()
 
 
@@ -424,7 +424,7 @@ def test_training_on_codes_takes_tokenizer_classes_and_name_from_the_data(tmp_pa
 
 # 8 steps of 2 accumulated micro-batches, a checkpoint every 2 (2 kept: pruning runs), the EMA
 # export and a sample grid at the end: every kind of write the loop does.
-FAULTS = [*RESUME, "keep_checkpoints=2", "sample.per_class=1"]
+FAULTS = [*RESUME, "keep_checkpoints=2", "grids.per_class=1"]
 
 
 def _probe_writes(kill_at: int | None, events: list[str]) -> None:
@@ -656,7 +656,7 @@ def test_a_diverging_digits_run_stops_with_one_line_and_resumes_with_a_lower_lea
     named; no model.safetensors. Resumed from the oldest kept one with a low learning rate, the run
     finishes with finite weights."""
     command = ["optim.lr=30", "max_steps=24", "ckpt_every=4", "keep_checkpoints=2", "tensorboard=false",
-               "sample.per_class=0", "sample.eval_samples=0", f"out_dir={tmp_path}"]
+               "grids.per_class=0", "grids.eval_samples=0", f"out_dir={tmp_path}"]
     assert run_script("train", *command) == 1
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     stopped = re.fullmatch(r"error: training stopped at step (\d+): (.*) became non-finite \(NaN or inf\) at step "

@@ -34,7 +34,7 @@ from conftest import in_child
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 SMALL = ["model.dim=32", "model.n_layer=2", "model.n_head=2", "model.multiple_of=32", "optim.batch_size=16",
-         "log_every=1", "tensorboard=false", "sample.per_class=0", "sample.eval_samples=0", "runtime.device=cpu"]
+         "log_every=1", "tensorboard=false", "grids.per_class=0", "grids.eval_samples=0", "runtime.device=cpu"]
 
 
 def make_config(*overrides: str) -> TrainConfig:

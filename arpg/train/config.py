@@ -140,7 +140,7 @@ class TrainConfig:
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
-    sample: GridSettings = field(default_factory=GridSettings)
+    grids: GridSettings = field(default_factory=GridSettings)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)  # for the grids and the accuracy check
     name: Optional[str] = None  # None: <model>_<data>, e.g. tiny_digits, tiny_my_codes (data.path's folder)
     out_dir: Optional[str] = None  # None: runs/<name>
@@ -181,7 +181,7 @@ class TrainResult:
 
 def validate(config: TrainConfig) -> None:
     """Raise ValueError naming the first bad key. Needs no data, model or processes."""
-    m, d, o, r, s = config.model, config.data, config.optim, config.runtime, config.sample
+    m, d, o, r, s = config.model, config.data, config.optim, config.runtime, config.grids
     require(m.name in models.MODEL_SIZES, f"model.name must be one of {sorted(models.MODEL_SIZES)}, got {m.name!r}")
     _validate_family_settings(config)
     d.validate()
@@ -205,19 +205,19 @@ def validate(config: TrainConfig) -> None:
             f"order must be one of {sorted(ORDERS)} or null, got {config.order!r}")
     tokenizers = (*TOKENIZER_CHOICES, "none")
     require(s.tokenizer is None or s.tokenizer in tokenizers,
-            f"sample.tokenizer must be null (the data's own) or one of {tokenizers}, got {s.tokenizer!r}")
+            f"grids.tokenizer must be null (the data's own) or one of {tokenizers}, got {s.tokenizer!r}")
     if s.vq_ckpt and s.per_class > 0 and s.tokenizer in (None, "vq16"):
         require(Path(s.vq_ckpt).is_file(),
-                f"sample.vq_ckpt {s.vq_ckpt!r} not found: download vq_ds16_c2i.pt from the LlamaGen release "
-                f"(huggingface.co/FoundationVision/LlamaGen), pass sample.vq_ckpt=/path/to/it, or set "
-                f"sample.tokenizer=none to train without sample images")
+                f"grids.vq_ckpt {s.vq_ckpt!r} not found: download vq_ds16_c2i.pt from the LlamaGen release "
+                f"(huggingface.co/FoundationVision/LlamaGen), pass grids.vq_ckpt=/path/to/it, or set "
+                f"grids.tokenizer=none to train without sample images")
     for name in ("every_steps", "per_class", "eval_samples"):
-        require(getattr(s, name) >= 0, f"sample.{name} must be >= 0, got {getattr(s, name)}")
+        require(getattr(s, name) >= 0, f"grids.{name} must be >= 0, got {getattr(s, name)}")
     require(s.classes is None or all(c >= 0 for c in s.classes),
-            f"sample.classes must be class ids >= 0 or null (the data's first 10), got {s.classes}")
+            f"grids.classes must be class ids >= 0 or null (the data's first 10), got {s.classes}")
     require(s.classes is None or len(s.classes) >= 1 or s.per_class == 0,
-            "sample.classes must name at least one class (or set sample.per_class=0 for no grids), got []")
-    require(s.scale is None or s.scale >= 1, f"sample.scale must be >= 1 or null, got {s.scale}")
+            "grids.classes must name at least one class (or set grids.per_class=0 for no grids), got []")
+    require(s.scale is None or s.scale >= 1, f"grids.scale must be >= 1 or null, got {s.scale}")
     require(config.name is None or (config.name and "/" not in config.name),
             f"name must be a non-empty folder name without '/' or null (<model>_<data>), got {config.name!r}")
     require(config.epochs > 0, f"epochs must be > 0, got {config.epochs}")
@@ -236,7 +236,7 @@ def validate(config: TrainConfig) -> None:
 
 def resolve(config: TrainConfig, dataset: Any) -> TrainConfig:
     """`config` with the settings left None taken from the data set (a copy; see the module doc)."""
-    d, s = config.data, config.sample
+    d, s = config.data, config.grids
     short = config.model.name.removeprefix("ARPG-").lower()
     name = config.name or f"{short}_{d.label}"
     tokenizer, vq_ckpt = s.tokenizer, s.vq_ckpt
@@ -247,8 +247,8 @@ def resolve(config: TrainConfig, dataset: Any) -> TrainConfig:
     classes = s.classes
     if classes is None and dataset.num_classes is not None:
         classes = list(range(min(10, dataset.num_classes)))
-    sample = dataclasses.replace(s, tokenizer=tokenizer, vq_ckpt=vq_ckpt, classes=classes)
-    return dataclasses.replace(config, name=name, out_dir=config.out_dir or f"runs/{name}", sample=sample)
+    grids = dataclasses.replace(s, tokenizer=tokenizer, vq_ckpt=vq_ckpt, classes=classes)
+    return dataclasses.replace(config, name=name, out_dir=config.out_dir or f"runs/{name}", grids=grids)
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ def plan_run(config: TrainConfig, dataset: Any) -> RunPlan:
     """Check a resolved config against its data set (batch, classes, the sample tokenizer's
     vocabulary, the sampling options on the data's grid) and work out the run's shape. Builds the
     model on the meta device only: no memory, no weights."""
-    o, s = config.optim, config.sample
+    o, s = config.optim, config.grids
     h, w = dataset.grid_size
     require(o.batch_size <= len(dataset),
             f"optim.batch_size must be <= the data set size {len(dataset)}, got {o.batch_size}")
@@ -274,15 +274,15 @@ def plan_run(config: TrainConfig, dataset: Any) -> RunPlan:
     wants_grids = s.tokenizer != "none" and s.per_class > 0
     if wants_grids:
         require(dataset.num_classes is not None, "sample: the grids show classes, and this data has none "
-                                                 "(captions); set sample.per_class=0")
+                                                 "(captions); set grids.per_class=0")
         require(all(c < dataset.num_classes for c in s.classes),
-                f"sample.classes must be class ids in [0, {dataset.num_classes}) (the data's classes), got {s.classes}")
+                f"grids.classes must be class ids in [0, {dataset.num_classes}) (the data's classes), got {s.classes}")
         require(s.tokenizer != "pixel_digits" or dataset.codebook_size == 17,
-                f"sample.tokenizer=pixel_digits has 17 codes, the data {dataset.codebook_size}; leave "
-                f"sample.tokenizer unset (the data's own) or set sample.tokenizer=none")
+                f"grids.tokenizer=pixel_digits has 17 codes, the data {dataset.codebook_size}; leave "
+                f"grids.tokenizer unset (the data's own) or set grids.tokenizer=none")
         require(s.tokenizer != "vq16" or Path(s.vq_ckpt).is_file(),
-                f"sample.vq_ckpt {s.vq_ckpt!r} not found: the grids of data made with {dataset.tokenizer} need its "
-                f"weights file; pass sample.vq_ckpt=/path/to/vq_ds16_c2i.pt or set sample.tokenizer=none")
+                f"grids.vq_ckpt {s.vq_ckpt!r} not found: the grids of data made with {dataset.tokenizer} need its "
+                f"weights file; pass grids.vq_ckpt=/path/to/vq_ds16_c2i.pt or set grids.tokenizer=none")
     if wants_grids or (config.data.name == "digits" and s.eval_samples > 0):
         with torch.device("meta"):
             model = models.build_model(model_config)

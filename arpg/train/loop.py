@@ -81,8 +81,8 @@ class _RankBatches(torch.utils.data.Sampler):
 
 
 def _save_sample_grid(model: nn.Module, config: TrainConfig, tokenizer, path: Path) -> Path:
-    """Generate `per_class` images of each of `sample.classes` (one row per class) into a PNG grid."""
-    grid: GridSettings = config.sample
+    """Generate `per_class` images of each of `grids.classes` (one row per class) into a PNG grid."""
+    grid: GridSettings = config.grids
     labels = [c for c in grid.classes for _ in range(grid.per_class)]
     device = next(model.parameters()).device
     images = generate(model, labels, config.sampling, generator=torch.Generator().manual_seed(grid.seed),
@@ -232,12 +232,12 @@ def _prepare_folder(config: TrainConfig, record: dict, dataset,
         try:
             for folder in (out_dir, ckpt_dir, out_dir / "samples"):
                 remove_partial_writes(folder)
-            if config.sample.tokenizer != "none" and config.sample.per_class > 0:
-                tokenizer = load_tokenizer(config.sample.tokenizer, config.sample.vq_ckpt,
+            if config.grids.tokenizer != "none" and config.grids.per_class > 0:
+                tokenizer = load_tokenizer(config.grids.tokenizer, config.grids.vq_ckpt,
                                            pixel_levels=dataset.codebook_size)
                 require(tokenizer.codebook_size == dataset.codebook_size,
-                        f"sample.tokenizer={config.sample.tokenizer} has {tokenizer.codebook_size} codes, the data "
-                        f"{dataset.codebook_size}; leave sample.tokenizer unset (the data's own) or set it to none")
+                        f"grids.tokenizer={config.grids.tokenizer} has {tokenizer.codebook_size} codes, the data "
+                        f"{dataset.codebook_size}; leave grids.tokenizer unset (the data's own) or set it to none")
             path, state = find_resume_state(config.resume, ckpt_dir)
             if state is not None:
                 check_same_run(state, record, path, config.resume_changes)
@@ -274,7 +274,7 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
         run.readable.add(resume_path)
         del resume_state
     train_model = torch.compile(model) if config.runtime.compile else model
-    wants_grids = config.sample.tokenizer != "none" and config.sample.per_class > 0  # the same on every process
+    wants_grids = config.grids.tokenizer != "none" and config.grids.per_class > 0  # the same on every process
     steps_per_epoch, total_steps, end_step = plan.steps_per_epoch, plan.total_steps, plan.end_step
     workers = worker_count(config.data.num_workers, "data.num_workers")
 
@@ -333,7 +333,7 @@ def _train(config: TrainConfig, dataset, plan: RunPlan, accelerator, started: fl
             run.step += 1
             progress.step_done(run.step, step_loss, lr, grad_norm)
             saving = run.step % config.ckpt_every == 0 or run.step == end_step
-            sampling = (wants_grids and config.sample.every_steps and run.step % config.sample.every_steps == 0
+            sampling = (wants_grids and config.grids.every_steps and run.step % config.grids.every_steps == 0
                         and run.step < total_steps)
             if saving or sampling or run.step % config.log_every == 0:
                 stop = guard.check(run.step, checkpoint)
@@ -372,9 +372,9 @@ def _export_and_evaluate(run: Run, tokenizer) -> tuple[Optional[Path], Optional[
         weights = save(ema_model, run.out_dir / "model.safetensors", weights="ema")
         if tokenizer is not None:
             samples = _save_sample_grid(ema_model, config, tokenizer, run.out_dir / "samples" / "final.png")
-        if config.data.name == "digits" and config.sample.eval_samples > 0:
-            accuracy = digits_class_accuracy(ema_model, num_samples=config.sample.eval_samples,
-                                             seed=config.sample.seed, options=config.sampling)
+        if config.data.name == "digits" and config.grids.eval_samples > 0:
+            accuracy = digits_class_accuracy(ema_model, num_samples=config.grids.eval_samples,
+                                             seed=config.grids.seed, options=config.sampling)
     run.accelerator.wait_for_everyone()
     return weights, samples, accuracy
 
@@ -398,6 +398,6 @@ def _summary(result: TrainResult, config: TrainConfig) -> str:
     if result.samples:
         parts.append(f"samples {result.samples}")
     if result.digits_accuracy is not None:
-        parts.append(f"digits accuracy {100 * result.digits_accuracy:.1f}% ({config.sample.eval_samples} samples at "
+        parts.append(f"digits accuracy {100 * result.digits_accuracy:.1f}% ({config.grids.eval_samples} samples at "
                      f"temperature {config.sampling.temperature:g}; {config.sampling})")
     return "; ".join(parts)
