@@ -18,7 +18,7 @@ from arpg.cli import compose_config
 from arpg.models import MODEL_SIZES, create_model, family_of
 from arpg.models.llamagen import LlamaGen, LlamaGenConfig
 from arpg.orders import regions_order
-from arpg.quality import digits_judge, sample_digits
+from arpg.digits_judge import digits_judge, sample_digits
 from arpg.sample import SamplingOptions
 from arpg.sample.decode import decode_grid, decode_plan
 from arpg.sample_fid import SampleFIDConfig, image_path, sample_fid

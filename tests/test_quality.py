@@ -14,7 +14,7 @@ from arpg import create_model
 from arpg.checkpoint import save
 from arpg.cli import compose_config
 from arpg.data import digits_dataset
-from arpg.quality import digits_judge, sample_digits
+from arpg.digits_judge import digits_judge, sample_digits
 from arpg.reports.quality import BenchQualityConfig, bench_quality
 from test_eval import _reference_fid, _reference_precision_recall
 

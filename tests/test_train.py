@@ -26,7 +26,7 @@ from arpg.cli import compose_config
 from arpg.data import ShardWriter, digits_dataset
 from arpg.errors import SettingError, TrainingDiverged
 from arpg.files import LOCK_NAME, FolderLock
-from arpg.quality import digits_class_accuracy, digits_judge, sample_digits
+from arpg.digits_judge import digits_class_accuracy, digits_judge, sample_digits
 from arpg.tokenizer import VQConfig, VQTokenizer
 from arpg.train import TrainConfig, TrainResult, learning_rate, train
 from arpg.train.config import resolve

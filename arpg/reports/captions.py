@@ -7,7 +7,7 @@ Writes into `out_dir`:
   digits_captions.png   one row per prompt, "a thin zero", "a bold zero", ..., "a bold nine"
                         (`per_prompt` samples each).
   digits_captions.json  the checks, on `eval_samples` fresh samples per prompt:
-    - digit accuracy: how often the digits judge (`arpg.quality`, a classifier of real digits,
+    - digit accuracy: how often the digits judge (`arpg.digits_judge`, a classifier of real digits,
       independent of the model) reads the prompt's digit;
     - stroke agreement: how often the sample's ink lies on the prompt's side of the median ink of
       the real digits of that class ("thin": below, "bold": at or above; 50% by chance).
@@ -26,7 +26,7 @@ from arpg.checkpoint import load_model
 from arpg.data import DIGIT_STROKES, digit_prompt, digit_strokes
 from arpg.errors import require
 from arpg.files import atomic_write
-from arpg.quality import DIGITS_CLASSES, check_digits_model, digits_judge
+from arpg.digits_judge import DIGITS_CLASSES, check_digits_model, digits_judge
 from arpg.sample import SamplingOptions, generate, save_grid
 from arpg.tokenizer import PixelTokenizer
 

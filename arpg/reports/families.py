@@ -1,5 +1,5 @@
 """ARPG, LlamaGen and PAR side by side on the digits: the same data, tokens, training recipe and
-budget, scored by the digits judge of `arpg.quality` against the forward calls each needs.
+budget, scored by the digits judge of `arpg.digits_judge` against the forward calls each needs.
 
 `bench_families` trains one model per family with `scripts/train.py`'s recipe (equal training
 steps, about equal parameter counts: arpg/configs/model/tiny.yaml, llamagen_tiny.yaml, par_tiny.yaml;
@@ -29,7 +29,7 @@ from arpg.errors import require
 from arpg.eval import summary_table
 from arpg.files import atomic_write
 from arpg.models import family_of
-from arpg.quality import DIGITS_SIDE, check_digits_model, digits_judge, sample_digits
+from arpg.digits_judge import DIGITS_SIDE, check_digits_model, digits_judge, sample_digits
 from arpg.runtime import resolve_device
 from arpg.sample import SamplingOptions
 from arpg.sample.decode import decode_plan

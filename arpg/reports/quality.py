@@ -1,5 +1,5 @@
 """Sample quality against decoding steps on the digits, per decoding strategy: the CPU analogue of
-the paper's steps-vs-FID table, scored by the digits judge of `arpg.quality`.
+the paper's steps-vs-FID table, scored by the digits judge of `arpg.digits_judge`.
 
 `bench_quality` draws class-balanced samples (image i has class i % 10) for every (strategy, steps)
 and reports class accuracy, Frechet distance, k-NN precision and recall (in the judge's feature
@@ -21,12 +21,12 @@ import torch
 
 from arpg.checkpoint import WEIGHTS_CHOICES, load_model
 from arpg.cli import compose_config
+from arpg.digits_judge import (DIGITS_CLASSES, DIGITS_LEVELS, DIGITS_SIDE, JUDGE_HIDDEN_UNITS, JUDGE_MIN_FIRING,
+                               check_digits_model, digits_judge, sample_digits)
 from arpg.errors import require
 from arpg.eval import precision_recall
 from arpg.files import atomic_write
 from arpg.images import save_grid
-from arpg.quality import (DIGITS_CLASSES, DIGITS_LEVELS, DIGITS_SIDE, JUDGE_HIDDEN_UNITS, JUDGE_MIN_FIRING,
-                          check_digits_model, digits_judge, sample_digits)
 from arpg.runtime import resolve_device
 from arpg.sample import SamplingOptions
 from arpg.tokenizer import PixelTokenizer

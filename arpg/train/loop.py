@@ -39,7 +39,7 @@ from arpg.files import FolderLock, remove_partial_writes
 from arpg.images import save_grid
 from arpg.models import build_model
 from arpg.orders import make_order
-from arpg.quality import digits_class_accuracy
+from arpg.digits_judge import digits_class_accuracy
 from arpg.runtime import derive_seed, set_cpu_threads, tf32, training_precision, worker_count
 from arpg.sample import generate
 from arpg.tokenizer import load_tokenizer
