@@ -48,8 +48,8 @@ class ARPGConfig(TransformerConfig):
 
     `cls_rope` is the one addition: the rotation given to the class token. "zeros" (published,
     required by the released checkpoints) zeroes the class token's q and k, so every query scores
-    it at exactly 0; "identity" (cos 1, sin 0) leaves them free, which learns class conditioning
-    noticeably faster on small data.
+    it at exactly 0; "identity" (cos 1, sin 0) leaves them free, for faster class conditioning
+    on small data (docs/differences.md).
     """
 
     cls_rope: str = "zeros"

@@ -67,8 +67,8 @@ class FeedForward(nn.Module):
 
 
 def swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    """w2(silu(w1 x) * w3 x). (Stacking w1 and w3 into one matmul was slower on the CPU at decode
-    shapes: 2 x 768 outputs beat 1536.)"""
+    """w2(silu(w1 x) * w3 x). w1 and w3 stay two matmuls: faster on the CPU at decode shapes
+    (docs/benchmarks.md, "Sampling speed")."""
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 

@@ -30,9 +30,8 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, conditions: Any,
 
     The kept tokens enter as context, fed in one call right after the class token, in a random
     order, and attending to each other block-wise like the tokens of any decode step (causally
-    with `causal_within_step`). Block-wise context predicted the hidden tokens slightly better
-    than a causal (training-like) prefix: on the 8x8 digits, hiding 25/50/75% of the pixels,
-    the NLL of the true tokens was 0.1-0.9% lower, consistently over two seeds. The unknown
+    with `causal_within_step`): block-wise context predicts the hidden tokens better than a
+    causal prefix (measured in docs/sampling.md, "Why editing works this way"). The unknown
     positions are then decoded as queries, `steps` steps of `schedule` over the number of
     unknown tokens (steps is capped at that number). Kept tokens are never predicted, sampled or
     changed.
@@ -117,10 +116,8 @@ def outpaint(model: ARPG, tokens: Tensor, conditions: Any, size: tuple[int, int]
     (e.g. 8x32 tokens from an 8x8 digits model). `options` and `kwargs` are `inpaint`'s.
 
     Method: extended 2-D RoPE, the whole canvas in one decode. RoPE is relative, so every query
-    still sees its neighbours at the offsets it was trained on; only the sequence gets longer.
-    Overlapping training-sized windows were tried as well: on the 8x8 digits they left
-    half-drawn strokes at every window seam, while one pass drew whole, evenly spaced digits
-    (a window only sees half of its neighbour, and never what lies beyond).
+    still sees its neighbours at the offsets it was trained on; only the sequence gets longer
+    (one pass rather than overlapping windows, which leave seams: docs/sampling.md).
     """
     require(tokens.ndim == 3, f"tokens must have shape (B, h, w), got {tuple(tokens.shape)}")
     B, h, w = tokens.shape
@@ -145,9 +142,8 @@ def expand(model: ARPG, tokens: Tensor, conditions: Any, factor: int = 2,
     Method: position interpolation. The fine grid's RoPE coordinates are its positions divided
     by `factor`, so every low-resolution token keeps exactly the coordinates it has in the
     training grid (the context is one whole in-distribution image) and the new tokens sit at the
-    fractional coordinates between them. On the 8x8 digits this gives smooth 16x16 digits;
-    extended RoPE (integer coordinates on the big grid) or training-sized windows make every
-    window a zoomed crop that looks like no training image, and produce stripes of noise.
+    fractional coordinates between them (rather than extended RoPE or windows, which see zoomed
+    crops unlike any training image: docs/sampling.md).
     """
     require(tokens.ndim == 3, f"tokens must have shape (B, h, w), got {tuple(tokens.shape)}")
     require(isinstance(factor, int) and factor >= 1, f"factor must be an int >= 1, got {factor!r}")

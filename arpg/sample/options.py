@@ -34,56 +34,30 @@ CFG_SCHEDULES = tuple(RAMPS)
 @dataclass
 class SamplingOptions:
     """How to sample. `None` for `steps`, `schedule` and `order` means the model family's own
-    decoding (ARPG: 64 steps, arccos, random order, as published; LlamaGen: raster, one token per
-    step; PAR: its regions, n tokens per step). LlamaGen and PAR decode only their own way: for
-    them these three stay None (or name their own order and schedule).
+    decoding (ARPG: 64 steps, arccos, random order; LlamaGen: raster, one token per step; PAR: its
+    regions), the only one LlamaGen and PAR take. docs/sampling.md explains each setting.
 
     Attributes:
         steps: decoding steps, in [1, T] for T tokens per image.
-        schedule: tokens per step: "arccos" (published ARPG), "cosine", "linear", "square" or
-            "cube" (ours: small first steps, then growing; see `arpg.orders.decode_schedule`),
-            "regions" (the natural schedule of a regions order), or a list of ints summing to T.
-        order: "random" (a permutation per sample), "random_shared", "raster", "regions4",
-            "regions16", "halton" (low-discrepancy: every prefix covers the grid evenly),
-            "locality" (each step's positions apart from each other and next to the decoded
-            ones), or (from Python) a permutation tensor (T,) or (B, T).
-        cfg: classifier-free guidance scale; None or 1 turn guidance off (no doubled batch);
-            0 samples the unconditional rows alone. Logits are uncond + s * (cond - uncond).
-        cfg_schedule: how the scale moves over the decode (`RAMPS`), with determined = the known
-            and decoded tokens after the step, out of T: "constant" (s = cfg), "linear"
-            (s = 1 + (cfg - 1) * determined / T; published ARPG) or "falling"
-            (s = 1 + (cfg - 1) * (T - determined) / T: strong early, none at the last step).
+        schedule: tokens per step: a name of `arpg.orders.SCHEDULES`, "regions" (a regions
+            order's own), or a list of ints summing to T.
+        order: a name of `arpg.orders.ORDERS`, or (from Python) a permutation tensor (T,) or (B, T).
+        cfg: guidance scale s, logits uncond + s * (cond - uncond); None or 1: no guidance, 0: the
+            unconditional rows alone.
+        cfg_schedule: how s moves over the decode, a name of `RAMPS` ("linear": published ARPG).
         temperature: logits are divided by it; 0 is greedy decoding.
-        top_k, top_p: logit filters (see `arpg.sample.draw.filter_logits`); 0 and 1 disable them.
-        causal_within_step: tokens fed in one step attend causally (training-like) instead of
-            block-wise (published, better at few steps). ARPG only.
-        use_cache: False recomputes the whole prefix at every step (same result, slow; benchmarks).
-
-    Speed (none of these changes which tokens are drawn, except bf16 rounding):
-        amp: bf16 autocast, bf16 KV cache and bf16 decode weights. None (default): bf16 on a CUDA
-            GPU, float32 on a CPU (one call gives the same tokens on every CPU); True: bf16 on any
-            device (fast on CPUs with AVX512-BF16 or AMX, warned as slow elsewhere); False: float32.
-        compile: torch.compile the decode step. ARPG compiles its fixed-shape steps (see
-            `static`): one graph for feeding and one for predicting, whatever the schedule, and a
-            later batch of as many rows or fewer reuses them (padded) without compiling again.
-        static: fixed-shape decode steps (attention over the whole preallocated cache under a
-            validity mask, tokens and queries padded to powers of two), so that with `compile` the
-            steps replay as CUDA graphs on CUDA (one recording per bucket). Same tokens as the
-            default dynamic steps; on its own (eager) it is slower. ARPG only.
-
-    Decoding strategies (any ARPG checkpoint, no retraining; `docs/bench_quality.png` compares them):
-        positions: which positions a step commits. "plan": the next ones of the order (published).
-            "confidence": every step queries all positions not yet decoded (the guided half only,
-            against the same cache), draws a token for each, and commits the step's count of them
-            with the highest log-probability of their drawn token (under the guided logits, before
-            temperature) plus `position_noise` times Gumbel noise; the order then only breaks
-            ties. Costs one query per open position per step. ARPG only.
-        position_noise: scale of the Gumbel noise added to the confidences (0: the most confident
-            positions; larger: positions sampled more freely by confidence), multiplied by the
-            fraction of tokens still undetermined before the step (annealed to 0).
-        temperature_schedule: how the temperature moves over the decode, like `cfg_schedule`
-            (`RAMPS`, with the temperature as value): "constant", "linear" (from about 1 to
-            `temperature`) or "falling" (from `temperature` to 1).
+        top_k, top_p: logit filters (`arpg.sample.draw.filter_logits`); 0 and 1 disable them.
+        causal_within_step: tokens fed in one step attend causally instead of block-wise
+            (published). ARPG only.
+        use_cache: False recomputes the whole prefix at every step (same tokens; benchmarks).
+        amp: bf16 autocast, cache and decode weights; None: on CUDA only (`arpg.runtime.use_bf16`).
+        compile: torch.compile ARPG's fixed-shape decode steps.
+        static: fixed-shape decode steps over the whole cache (CUDA graphs with `compile`). ARPG only.
+        positions: which open positions a step commits, a rule of `arpg.sample.positions.SELECTORS`:
+            "plan" (the order's next ones, published) or "confidence" (the most confident of all
+            open positions; ARPG only).
+        position_noise: scale of the Gumbel noise on the confidences, annealed to 0.
+        temperature_schedule: how the temperature moves over the decode, a name of `RAMPS`.
     """
 
     steps: Optional[int] = None
