@@ -249,7 +249,7 @@ def _mid(width: int) -> nn.Sequential:
     return nn.Sequential(ResnetBlock(width, width), AttnBlock(width), ResnetBlock(width, width))
 
 
-class Encoder(nn.Module):
+class VQEncoder(nn.Module):
     """(B, in_channels, H, W) -> (B, z_channels, H / 2^(L-1), W / 2^(L-1))."""
 
     def __init__(self, config: VQConfig):
@@ -276,7 +276,7 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class Decoder(nn.Module):
+class VQDecoder(nn.Module):
     """(B, z_channels, h, w) -> (B, out_channels, h * 2^(L-1), w * 2^(L-1)).
 
     Level 0 is the LOWEST resolution (the reverse of the encoder's numbering), as in LlamaGen.
@@ -346,8 +346,8 @@ class VQTokenizer(Tokenizer):
         super().__init__()
         self.config = config or VQConfig()
         c = self.config
-        self.encoder = Encoder(c)
-        self.decoder = Decoder(c)
+        self.encoder = VQEncoder(c)
+        self.decoder = VQDecoder(c)
         self.quantize = VectorQuantizer(c.codebook_size, c.codebook_embed_dim)
         self.quant_conv = nn.Conv2d(c.z_channels, c.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.codebook_embed_dim, c.z_channels, 1)
