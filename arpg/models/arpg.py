@@ -3,12 +3,12 @@
 One file, read top to bottom:
 
 * `ARPGConfig`: the hyper-parameters, named as in the published ModelArgs so configs map 1:1.
-* `SelfDecoder` blocks (first half): causal self-attention over the content sequence
+* `SelfDecoderBlock` blocks (first half): causal self-attention over the content sequence
   `[class, t_order[0], t_order[1], ...]`, each token rotated by the 2-D RoPE of its own position.
   With captions (`model_type` "t2i") the caption rows take the class token's place, with zero
   RoPE as in LlamaGen's t2i, and no other row attends to a padded caption row.
 * One shared K/V projected from the normalised self-decoder output (`shared_kv`).
-* `CrossDecoder` blocks (second half): content-free `target_queries` (the mask embedding, rotated
+* `CrossDecoderBlock` blocks (second half): content-free `target_queries` (the mask embedding, rotated
   by the position it must predict) attend causally to the shared K/V, so query k sees the class
   token and the first k content tokens of the order and predicts the token at `order[k]`.
 * `ARPG`: the model, its teacher-forced `forward`, and the cached step-wise entry points
@@ -99,7 +99,7 @@ class BlockWeights(NamedTuple):
 
 
 class SelfAttention(nn.Module):
-    """The attention parameters of a self-decoder block (published names; the math is `SelfDecoder`'s)."""
+    """The attention parameters of a self-decoder block (published names; the math is `SelfDecoderBlock`'s)."""
 
     def __init__(self, config: ARPGConfig):
         super().__init__()
@@ -152,7 +152,9 @@ class _Block(nn.Module):
         return x + self.ffn.ffn_dropout(swiglu(rms_norm(x, w.ffn_norm, self.eps), w.w1, w.w3, w.w2))
 
 
-class SelfDecoder(_Block):
+class SelfDecoderBlock(_Block):
+    """One block of the self-decoder half (published class name `SelfDecoder`; keys `layers.self_dec.i.*`)."""
+
     def __init__(self, config: ARPGConfig):
         super().__init__(config, SelfAttention(config))
 
@@ -177,7 +179,9 @@ class SelfDecoder(_Block):
         return self._attend_then_mlp(x, q, k, v, is_causal, attn_mask, w)
 
 
-class CrossDecoder(_Block):
+class CrossDecoderBlock(_Block):
+    """One block of the cross-decoder half (published class name `CrossDecoder`; keys `layers.cross_dec.i.*`)."""
+
     def __init__(self, config: ARPGConfig):
         super().__init__(config, CrossAttention(config))
 
@@ -199,8 +203,8 @@ class GuidedDecoder(nn.Module):
     def __init__(self, config: ARPGConfig):
         super().__init__()
         self.n_head, self.eps = config.n_head, config.norm_eps
-        self.self_dec = nn.ModuleList(SelfDecoder(config) for _ in range(config.n_layer // 2))
-        self.cross_dec = nn.ModuleList(CrossDecoder(config) for _ in range(config.n_layer // 2))
+        self.self_dec = nn.ModuleList(SelfDecoderBlock(config) for _ in range(config.n_layer // 2))
+        self.cross_dec = nn.ModuleList(CrossDecoderBlock(config) for _ in range(config.n_layer // 2))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.to_k = nn.Linear(config.dim, config.dim, bias=False)
         self.to_v = nn.Linear(config.dim, config.dim, bias=False)
@@ -285,7 +289,7 @@ class ARPG(GridGenerator):
     family = "arpg"
     # The published sampler's defaults; any order and schedule can be decoded.
     decode_rules = DecodeRules(order="random", steps=64, schedule="arccos")
-    _no_split_modules = ["SelfDecoder", "CrossDecoder"]  # FSDP wraps these (accelerate reads this name)
+    _no_split_modules = ["SelfDecoderBlock", "CrossDecoderBlock"]  # FSDP wraps these (accelerate reads this name)
 
     def __init__(self, config: ARPGConfig):
         super().__init__(config)
