@@ -40,14 +40,14 @@ def _autocast_state() -> tuple[bool, torch.dtype | None]:
 
 
 class _DecodeProbe:
-    """Wraps `model.decoder` (every family's step engine): records the cache dtype the sampler asks
+    """Wraps `model.step_engine` (every family's step engine): records the cache dtype the sampler asks
     for, the autocast state at each step, and the dtypes of the engine's cache and decode matrices."""
 
     def __init__(self, model: torch.nn.Module):
         self.cache_dtypes, self.steps, self.tensor_dtypes = set(), set(), set()
-        make = model.decoder
+        make = model.step_engine
 
-        def decoder(*args, **runtime):
+        def step_engine(*args, **runtime):
             self.cache_dtypes.add(runtime["cache_dtype"])
             engine = make(*args, **runtime)
             call = engine.__call__
@@ -61,7 +61,7 @@ class _DecodeProbe:
 
             return step
 
-        model.decoder = decoder
+        model.step_engine = step_engine
 
 
 def _tiny(name: str) -> torch.nn.Module:

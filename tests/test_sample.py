@@ -6,7 +6,7 @@ from PIL import Image
 
 import arpg.sample as sample
 from arpg import create_model
-from arpg.models.arpg_steps import ARPGDecoder, query_bucket
+from arpg.models.arpg_steps import ARPGStepEngine, query_bucket
 from arpg.orders import DecodePlan, decode_schedule, make_plan
 from arpg.sample import SamplingOptions, filter_logits
 from arpg.sample.decode import cfg_scales, decode, decode_grid
@@ -153,7 +153,7 @@ def test_cached_logits_equal_full_recomputation(model, causal, num_context, cpu_
 
         def make_engine(conditions, cache_dtype):
             extra = dict(context, context_ids=context["context_ids"].repeat(2, 1)) if context else {}
-            return ARPGDecoder(model, conditions, model.position_rope(target_pos), sizes,
+            return ARPGStepEngine(model, conditions, model.position_rope(target_pos), sizes,
                                causal_within_step=causal, use_cache=use_cache, cache_dtype=cache_dtype, **extra)
 
         decode(model, torch.tensor([0, 1, 3]), make_engine, sizes, recorder, [2.0] * 4)
@@ -581,7 +581,7 @@ def _assert_linear_ramp(raw, guided, sizes, known, total, cfg, batch):
 
 def test_generate_applies_the_linear_guidance_ramp_at_every_step(model, monkeypatch):
     raw, _GuidedRecorder.seen = [], []
-    monkeypatch.setattr(model, "decoder", _recording_engines(raw)(model.decoder))
+    monkeypatch.setattr(model, "step_engine", _recording_engines(raw)(model.step_engine))
     monkeypatch.setattr(sample.decode, "TokenSampler", _GuidedRecorder)
     sample.generate(model, [0, 1, 2], steps=5, schedule="cosine", cfg=3.0, cfg_schedule="linear",
                     generator=torch.Generator().manual_seed(0))
@@ -590,7 +590,7 @@ def test_generate_applies_the_linear_guidance_ramp_at_every_step(model, monkeypa
 
 def test_inpaint_counts_the_known_tokens_in_the_linear_ramp(model, monkeypatch):
     raw, _GuidedRecorder.seen = [], []
-    monkeypatch.setattr(sample.editing, "ARPGDecoder", _recording_engines(raw)(ARPGDecoder))
+    monkeypatch.setattr(sample.editing, "ARPGStepEngine", _recording_engines(raw)(ARPGStepEngine))
     monkeypatch.setattr(sample.decode, "TokenSampler", _GuidedRecorder)  # token_sampler builds it
     tokens = torch.randint(0, 16, (2, GRID, GRID), generator=torch.Generator().manual_seed(0))
     keep = torch.zeros(GRID, GRID, dtype=torch.bool)

@@ -8,7 +8,7 @@ import torch
 
 import arpg.sample as sample
 import arpg.sample.draw as draw
-from arpg.models.arpg_steps import ARPGDecoder
+from arpg.models.arpg_steps import ARPGStepEngine
 from arpg.orders import decode_schedule, halton_order, locality_order, make_plan, random_order
 from arpg.sample import SamplingOptions
 from arpg.sample.decode import cfg_scales, decode_grid, token_sampler
@@ -192,13 +192,13 @@ def test_confidence_commits_the_most_confident_positions(model, monkeypatch):
     """Without noise step s commits the n open positions whose drawn token has the highest
     log-probability; the cached logits equal a full recomputation along the chosen order."""
     committed, logged = [], []
-    reorder = ARPGDecoder.reorder_open
+    reorder = ARPGStepEngine.reorder_open
 
     def recording_reorder(self, order):
         committed.append(order.clone())
         return reorder(self, order)
 
-    monkeypatch.setattr(ARPGDecoder, "reorder_open", recording_reorder)
+    monkeypatch.setattr(ARPGStepEngine, "reorder_open", recording_reorder)
     options = SamplingOptions(cfg=None, positions="confidence", temperature=0.0)
     plan = make_plan("random", 2, GRID, GRID, 4, "linear", torch.Generator().manual_seed(0))
     select = position_selector(options, plan.tokens_per_step, 0, T, torch.rand(2, 4, T))

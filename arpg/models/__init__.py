@@ -4,7 +4,7 @@
 family's config fields. A family is a module here with a config dataclass and an `nn.Module`
 whose parameter names are the published ones (`arpg.models.arpg`, `arpg.models.llamagen`); the
 layers they share are in `arpg.models.layers`. To add a family: its module, its entries in
-`FAMILIES` and `MODEL_SIZES`, its `decoder` (the step engine the sampler drives, see
+`FAMILIES` and `MODEL_SIZES`, its `step_engine` (the step engine the sampler drives, see
 `arpg.sample.decode`) and its `fields_from_state_dict` (checkpoint recognition).
 
 Families: ARPG (`ARPG-*`), and LlamaGen's GPT with PAR on it (`LlamaGen-*` decode in raster order,

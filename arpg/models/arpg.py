@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from arpg.errors import SettingError, require
-from arpg.models.arpg_steps import ARPGDecoder
+from arpg.models.arpg_steps import ARPGStepEngine
 from arpg.models.base import GridGenerator, TransformerConfig
 from arpg.orders import DecodeRules, random_order
 from arpg.models.layers import (FeedForward, RMSNorm, Rotation, attention, merge_heads,
@@ -447,7 +447,7 @@ class ARPG(GridGenerator):
                 _check_permutations(order)
         return B, T
 
-    # -- cached, step-wise inference (driven by ARPGDecoder) ------------------------------------
+    # -- cached, step-wise inference (driven by ARPGStepEngine) ------------------------------------
 
     @torch.no_grad()
     def decode_weights(self, dtype: Optional[torch.dtype] = None) -> DecodeWeights:
@@ -524,10 +524,10 @@ class ARPG(GridGenerator):
             k, v = cache.shared_k, cache.shared_v
         return self.target_logits(k, v, target_rope, is_causal=False, attn_mask=visible, weights=cache.weights)
 
-    def decoder(self, conditions: Any, order: Tensor, tokens_per_step: Sequence[int],
-                grid: tuple[int, int], **runtime) -> ARPGDecoder:
-        """The step engine of one decode of whole grids along `order` (rows, T) (see `ARPGDecoder`)."""
-        return ARPGDecoder(self, conditions, self.position_rope(order, grid_width=grid[1]), tokens_per_step,
+    def step_engine(self, conditions: Any, order: Tensor, tokens_per_step: Sequence[int],
+                grid: tuple[int, int], **runtime) -> ARPGStepEngine:
+        """The step engine of one decode of whole grids along `order` (rows, T) (see `ARPGStepEngine`)."""
+        return ARPGStepEngine(self, conditions, self.position_rope(order, grid_width=grid[1]), tokens_per_step,
                            **runtime)
 
     @staticmethod

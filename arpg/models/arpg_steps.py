@@ -1,6 +1,6 @@
 """The step engines of an ARPG decode: the forward passes the sampler's loop calls once per step.
 
-`ARPGDecoder(model, ...)` builds the engine its runtime settings ask for:
+`ARPGStepEngine(model, ...)` builds the engine its runtime settings ask for:
 
 * `CachedSteps` (default): a KV cache grown step by step, attention over its filled prefix;
   with `query_open`, every open target is queried (confidence-guided positions).
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from arpg.errors import require
 from arpg.models.layers import Rotation, block_causal_mask, rotation
 
-# The float32 logits of open targets a query_open step holds at once (see `ARPGDecoder`).
+# The float32 logits of open targets a query_open step holds at once (see `ARPGStepEngine`).
 OPEN_LOGITS_BYTES = 256 * 2**20
 
 
@@ -53,7 +53,7 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
 # The engines
 # ---------------------------------------------------------------------------------------------
 
-class ARPGDecoder:
+class ARPGStepEngine:
     """The forward passes of one ARPG decode: call it with the tokens chosen at the previous step
     (None at the first) and it returns the float32 logits (rows, n, V) of this step's targets.
     Constructing it gives the engine the settings ask for (`StaticSteps`, `CachedSteps` or
@@ -100,7 +100,7 @@ class ARPGDecoder:
                 context_ids: Optional[Tensor] = None, context_rope: Optional[Tensor] = None,
                 causal_within_step: bool = False, use_cache: bool = True, compile: bool = False,
                 cache_dtype: Optional[torch.dtype] = None, static: bool = False, query_open: bool = False):
-        if cls is ARPGDecoder:
+        if cls is ARPGStepEngine:
             require(not ((static or compile) and query_open),
                     "static=True and compile=True decode a fixed plan of positions; confidence-guided positions "
                     "query every open position: set static=False and compile=False with them")
@@ -161,8 +161,8 @@ class ARPGDecoder:
         table[:, start:] = open_targets.gather(1, index)
 
 
-class CachedSteps(ARPGDecoder):
-    """Dynamic shapes over a KV cache grown step by step (see `ARPGDecoder`)."""
+class CachedSteps(ARPGStepEngine):
+    """Dynamic shapes over a KV cache grown step by step (see `ARPGStepEngine`)."""
 
     def __init__(self, model: nn.Module, conditions: Any, target_rope: Tensor, tokens_per_step: Sequence[int],
                  *args, cache_dtype: Optional[torch.dtype] = None, **kwargs):
@@ -185,7 +185,7 @@ class CachedSteps(ARPGDecoder):
         return self.targets.turns
 
 
-class RecomputedSteps(ARPGDecoder):
+class RecomputedSteps(ARPGStepEngine):
     """No cache: every step recomputes the whole prefix with the attention pattern the cache
     builds up (the same logits; a reference for tests and benchmarks)."""
 
@@ -234,8 +234,8 @@ class _StaticStep(NamedTuple):
     target_visible: Tensor  # (1, S)
 
 
-class StaticSteps(ARPGDecoder):
-    """Fixed shapes, eager or compiled (CUDA graphs with `static` on CUDA; see `ARPGDecoder`)."""
+class StaticSteps(ARPGStepEngine):
+    """Fixed shapes, eager or compiled (CUDA graphs with `static` on CUDA; see `ARPGStepEngine`)."""
 
     def __init__(self, model: nn.Module, conditions: Any, target_rope: Tensor, tokens_per_step: Sequence[int],
                  *args, compile: bool = False, cache_dtype: Optional[torch.dtype] = None, static: bool = False,

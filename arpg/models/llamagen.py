@@ -17,7 +17,7 @@ One file, read top to bottom:
 * `TransformerBlock` etc.: the module tree and parameter names of LlamaGen's GPT (and PAR's
   `spe_tok_embeddings`), so published checkpoints load with strict key and shape checks. The math
   (RMSNorm, SwiGLU, RoPE, attention) is `arpg.models.layers`, shared with ARPG.
-* `LlamaGenDecoder`: the step engine the shared sampler drives (`arpg.sample.decode`). It feeds
+* `LlamaGenStepEngine`: the step engine the shared sampler drives (`arpg.sample.decode`). It feeds
   each decode step's inputs at their training positions over a preallocated KV cache: the condition
   rows, n - 1 single tokens, one transition step (slot n - 1 and the transition tokens), then n
   tokens per step: T/n + n - 1 forward calls for T tokens.
@@ -290,10 +290,10 @@ class LlamaGen(GridGenerator):
 
     # -- decoding and checkpoints ---------------------------------------------------------------
 
-    def decoder(self, conditions: Any, order: Tensor, tokens_per_step: Sequence[int], grid: tuple[int, int],
-                **runtime) -> LlamaGenDecoder:
-        """The step engine of one decode (see `LlamaGenDecoder`)."""
-        return LlamaGenDecoder(self, conditions, order, tokens_per_step, grid, **runtime)
+    def step_engine(self, conditions: Any, order: Tensor, tokens_per_step: Sequence[int], grid: tuple[int, int],
+                **runtime) -> LlamaGenStepEngine:
+        """The step engine of one decode (see `LlamaGenStepEngine`)."""
+        return LlamaGenStepEngine(self, conditions, order, tokens_per_step, grid, **runtime)
 
     @staticmethod
     def fields_from_state_dict(state: Mapping[str, Tensor]) -> Optional[dict]:
@@ -332,7 +332,7 @@ def _compiled_step() -> Callable[..., Tensor]:
     return torch.compile(_cached_step, dynamic=True)
 
 
-class LlamaGenDecoder:
+class LlamaGenStepEngine:
     """The forward passes of one LlamaGen / PAR decode: call it with the tokens chosen at the
     previous step (None at the first) and it returns the float32 logits (rows, m, V) of this
     step's slots.

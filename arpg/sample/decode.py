@@ -9,7 +9,7 @@ How one decode runs (`decode`):
 
 * A `DecodePlan` (arpg.orders) fixes up front, as Python ints, which positions are predicted at
   each step, so the step loop never reads a number back from the device.
-* The model's step engine (`model.decoder(...)`, e.g. `arpg.models.arpg_steps.ARPGDecoder`) owns the
+* The model's step engine (`model.step_engine(...)`, e.g. `arpg.models.arpg_steps.ARPGStepEngine`) owns the
   forward passes over a KV cache allocated once: called with the tokens chosen at the previous
   step, it returns the logits of this step's positions.
 * bf16 (autocast, a bf16 cache and bf16 decode weights) runs where `SamplingOptions.amp` says:
@@ -51,7 +51,7 @@ Choose = Callable[[int, slice | Tensor, Tensor], Tensor]
 # StepEngine(fed): the float32 logits (rows, n, V) of the next step's positions, given the tokens
 # (rows, m) chosen at the previous step (None at the first step). Built with `query_open`, it
 # returns an iterator over the logits of all open positions, in chunks along the positions, and
-# has `reorder_open` (see ARPGDecoder).
+# has `reorder_open` (see ARPGStepEngine).
 StepEngine = Callable[[Optional[Tensor]], Tensor | Iterator[Tensor]]
 Generators = Optional[torch.Generator | Sequence[torch.Generator]]
 
@@ -250,7 +250,7 @@ def decode_grid(model: nn.Module, conditions: Any, plan: DecodePlan, choose: Cho
     runtime = engine_options(options, query_open=select is not None)
 
     def make_engine(rows: Any, cache_dtype: torch.dtype) -> StepEngine:
-        return model.decoder(rows, plan.order, plan.tokens_per_step, (h, w), cache_dtype=cache_dtype, **runtime)
+        return model.step_engine(rows, plan.order, plan.tokens_per_step, (h, w), cache_dtype=cache_dtype, **runtime)
 
     scales = cfg_scales(options, plan.tokens_per_step, known=0, total=h * w)
     per_target = decode(model, conditions, make_engine, plan.tokens_per_step, choose, scales, progress, select,

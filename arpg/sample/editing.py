@@ -15,7 +15,7 @@ from torch import Tensor
 
 from arpg.errors import require
 from arpg.models.arpg import ARPG
-from arpg.models.arpg_steps import ARPGDecoder
+from arpg.models.arpg_steps import ARPGStepEngine
 from arpg.models.layers import rope_2d
 from arpg.orders import SCHEDULE_AWARE_ORDERS, decode_schedule, locality_order, make_order, random_order
 from arpg.sample.decode import (Generators, StepEngine, cfg_scales, decode, engine_options, prepare_draws,
@@ -97,7 +97,7 @@ def inpaint(model: ARPG, tokens: Tensor, keep_mask: Tensor, conditions: Any,
 
         def make_engine(engine_rows: Any, cache_dtype: torch.dtype) -> StepEngine:
             repeat = condition.batch_size(engine_rows) // context_ids.shape[0]  # 2 with guidance: the same context
-            return ARPGDecoder(model, engine_rows, rope[target_pos], tokens_per_step,
+            return ARPGStepEngine(model, engine_rows, rope[target_pos], tokens_per_step,
                                context_ids=context_ids.repeat(repeat, 1), context_rope=rope[context_pos],
                                cache_dtype=cache_dtype, **runtime)
 
