@@ -100,12 +100,12 @@ def test_one_kept_cache_per_model_whatever_the_schedule(model, traced_only):
     assert _kept_caches(model) == []
 
 
-def test_kept_decode_weights_rebuilt_only_after_a_parameter_change(model, traced_only, monkeypatch):
+def test_kept_fused_weights_rebuilt_only_after_a_parameter_change(model, traced_only, monkeypatch):
     model = create_model("ARPG-tiny", vocab_size=16, block_size=T, num_classes=4, dim=64).eval()
     torch.nn.init.normal_(model.head.weight)
     builds = []
-    decode_weights = model.decode_weights
-    monkeypatch.setattr(model, "decode_weights", lambda *a: builds.append(1) or decode_weights(*a))
+    fused_weights = model.fused_weights
+    monkeypatch.setattr(model, "fused_weights", lambda *a: builds.append(1) or fused_weights(*a))
     first = _draw(model, 2, 4, compile=True, static=True, temperature=0)
     _draw(model, 2, 4, compile=True, static=True)
     assert len(builds) == 1  # made with the cache, then reused

@@ -228,7 +228,7 @@ def test_decode_leaves_the_module_tree_and_state_dict_unchanged(model):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_decode_weights_follow_the_parameters(model):
+def test_fused_weights_follow_the_parameters(model):
     # Weights are built per decode from the current parameters: a changed parameter changes the logits.
     model = copy.deepcopy(model)
     draw = lambda: sample.generate(model, [0, 1, 2, 3], steps=4, temperature=0, cfg=None)  # noqa: E731

@@ -87,7 +87,7 @@ class ARPGConfig(TransformerConfig):
 class BlockWeights(NamedTuple):
     """One block's weights in the form its math uses. A training forward builds them from the
     parameters on every call (the concatenations are differentiable); a decode builds them once
-    (`ARPG.decode_weights`), in the dtype it computes in."""
+    (`ARPG.fused_weights`), in the dtype it computes in."""
 
     attn_norm: Tensor  # (dim,)
     qkv: Tensor  # self blocks: [to_q; to_k; to_v] (3 dim, dim); cross blocks: to_q (dim, dim)
@@ -223,9 +223,9 @@ class GuidedDecoder(nn.Module):
         return k, kv[:, :, 1].transpose(1, 2)
 
 
-class DecodeWeights(NamedTuple):
+class FusedWeights(NamedTuple):
     """Every weight a cached decode step multiplies by, prepared once per decode
-    (`ARPG.decode_weights`): fused projections, matrices in the dtype the decode computes in."""
+    (`ARPG.fused_weights`): fused projections, matrices in the dtype the decode computes in."""
 
     self_blocks: tuple[BlockWeights, ...]
     cross_blocks: tuple[BlockWeights, ...]
@@ -240,7 +240,7 @@ class DecodeWeights(NamedTuple):
 
 class KVCache:
     """Preallocated keys/values for one sampling call, written in place as content is fed, and the
-    `DecodeWeights` the steps multiply by (in the cache's dtype).
+    `FusedWeights` the steps multiply by (in the cache's dtype).
 
     Holds per self-decoder layer K/V and the one shared K/V, each (B, H, max_len, D) where
     max_len = condition rows + all image tokens; `length` is how many content positions are
@@ -249,7 +249,7 @@ class KVCache:
     """
 
     def __init__(self, config: ARPGConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str, weights: DecodeWeights):
+                 device: torch.device | str, weights: FusedWeights):
         shape = (config.n_layer // 2, batch, config.n_head, max_len, config.head_dim)
         self.self_k = torch.zeros(shape, dtype=dtype, device=device)
         self.self_v = torch.zeros(shape, dtype=dtype, device=device)
@@ -265,7 +265,7 @@ class KVCache:
         return [self.self_k, self.self_v, self.shared_k, self.shared_v, *_leaves(self.weights)]
 
     @torch.no_grad()
-    def refresh_weights(self, weights: DecodeWeights) -> None:
+    def refresh_weights(self, weights: FusedWeights) -> None:
         """Copy fresh decode weights into this cache's in place (their addresses stay, as CUDA
         graphs captured them); a weight that is the parameter itself (not cast) is left alone."""
         for kept, fresh in zip(_leaves(self.weights), _leaves(weights)):
@@ -418,7 +418,7 @@ class ARPG(GridGenerator):
         return self.layers.shared_kv(content, rope)
 
     def target_logits(self, shared_k: Tensor, shared_v: Tensor, target_rope: Tensor | Rotation, is_causal: bool,
-                      attn_mask: Optional[Tensor] = None, weights: Optional[DecodeWeights] = None) -> Tensor:
+                      attn_mask: Optional[Tensor] = None, weights: Optional[FusedWeights] = None) -> Tensor:
         """The guided half: one content-free target query per position of `target_rope`
         (B|1, n, D/2, 2) (or its `Rotation`) reads the shared K/V -> float32 logits (B, n, vocab_size).
         `weights` default to the parameters'."""
@@ -450,7 +450,7 @@ class ARPG(GridGenerator):
     # -- cached, step-wise inference (driven by ARPGStepEngine) ------------------------------------
 
     @torch.no_grad()
-    def decode_weights(self, dtype: Optional[torch.dtype] = None) -> DecodeWeights:
+    def fused_weights(self, dtype: Optional[torch.dtype] = None) -> FusedWeights:
         """The weights of a cached decode, built from the parameters: q/k/v and k/v concatenated
         (one matmul each), matrices cast to `dtype` (default: the parameters'), so a
         step neither concatenates nor casts. The module tree and state dict are untouched."""
@@ -460,9 +460,9 @@ class ARPG(GridGenerator):
 
         dtype = dtype or self.head.weight.dtype
         norm_weight, kv_weight = self.layers.kv_weights()
-        return DecodeWeights(tuple(cast(b.weights()) for b in self.layers.self_dec),
-                             tuple(cast(b.weights()) for b in self.layers.cross_dec),
-                             (norm_weight, kv_weight.to(dtype)), self.norm.weight, self.head.weight.to(dtype))
+        return FusedWeights(tuple(cast(b.weights()) for b in self.layers.self_dec),
+                            tuple(cast(b.weights()) for b in self.layers.cross_dec),
+                            (norm_weight, kv_weight.to(dtype)), self.norm.weight, self.head.weight.to(dtype))
 
     def new_cache(self, batch: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> KVCache:
         """Preallocate a KV cache for `batch` sequences of up to `max_len` content positions
@@ -470,7 +470,7 @@ class ARPG(GridGenerator):
         param = self.head.weight
         max_len = self.config.cls_token_num + self.config.block_size if max_len is None else max_len
         dtype = dtype or param.dtype
-        return KVCache(self.config, batch, max_len, dtype, param.device, self.decode_weights(dtype))
+        return KVCache(self.config, batch, max_len, dtype, param.device, self.fused_weights(dtype))
 
     def extend(self, ids: Tensor, rope: Tensor | Rotation, cache: KVCache, causal: bool = False, *,
                positions: Optional[Tensor] = None, visible: Optional[Tensor] = None) -> None:

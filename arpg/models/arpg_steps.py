@@ -11,7 +11,7 @@
   slow): a reference for tests and benchmarks.
 
 The engines drive the model through its cached entry points (`new_cache`, `extend`, `predict`,
-`content_kv`, `target_logits`, `decode_weights`; see `arpg.models.arpg.ARPG`).
+`content_kv`, `target_logits`, `fused_weights`; see `arpg.models.arpg.ARPG`).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class ARPGStepEngine:
     context tokens when editing; step s > 0 feeds the tokens chosen at step s - 1 at their own
     positions, then one content-free query per target of step s reads everything fed so far.
     The RoPE rotations of every position are computed once, and the cache carries the decode
-    weights (fused projections, see `ARPG.decode_weights`).
+    weights (fused projections, see `ARPG.fused_weights`).
 
     Args:
         conditions: a batch of `rows` conditions (the unconditional ones for the guidance rows).
@@ -355,7 +355,7 @@ class CompiledCaches:
             for tensor in cache.tensors():
                 torch._dynamo.mark_static_address(tensor)
         elif cache.version != _parameter_version(model):
-            cache.refresh_weights(model.decode_weights(dtype))
+            cache.refresh_weights(model.fused_weights(dtype))
         cache.version, cache.length = _parameter_version(model), 0
         return cache
 
