@@ -272,7 +272,7 @@ def test_extraction_fits_the_machine(monkeypatch):
     first width per view); loader workers bounded by the cores."""
     vq16 = VQTokenizer(VQConfig())
     gib = 2 ** 30
-    monkeypatch.setattr(data.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 8 * gib})())
+    monkeypatch.setattr(data.extraction.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 8 * gib})())
     # One 256x256 view: 8 maps of 256 x 256 x 128 float32 = 256 MiB; half of 8 GiB free holds 16 of them.
     assert default_batch_size(vq16, 256, torch.device("cpu")) == 16
     assert default_batch_size(vq16, 128, torch.device("cpu")) == 64
