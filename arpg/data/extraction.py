@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from arpg.condition import TextCondition
 from arpg.data.shards import ShardWriter
 from arpg.errors import require
 from arpg.files import FolderLock, check_free_space
@@ -41,6 +42,11 @@ class ExtractConfig:
     crop), "flip" (2 views: the crop and its mirror; LlamaGen's default) or "ten_crop" (10 views:
     TenCrop(image_size) of an ADM centre crop of size image_size * crop_range, which already holds
     5 mirrored crops; LlamaGen's --ten-crop).
+
+    `captions`: text-to-image data. Each image's caption is in a `.txt` file beside it (the same
+    name); the shards store the caption's text-encoder embeddings (condition "text") instead of the
+    class, as LlamaGen's extract_codes_t2i does. An image without a caption file is skipped and
+    counted like an unreadable one.
     """
 
     data_path: str = "???"
@@ -57,6 +63,10 @@ class ExtractConfig:
     num_workers: Optional[int] = None  # image-decoding processes; None: one per core but one, at most 8
     shard_size: int = 10000  # images per shard: the unit of resumption
     device: str = "auto"  # "auto" = cuda when available, else cpu
+    captions: bool = False  # store each image's caption (<image>.txt) as text-encoder embeddings
+    text_encoder: str = "google/flan-t5-xl"  # with captions: a Hub name or folder, or "words:<w1>,<w2>,..."
+    caption_dim: int = 2048  # with captions: the text encoder's width (flan-t5-xl: 2048)
+    caption_tokens: int = 120  # with captions: caption rows, left-padded (LlamaGen's t2i: 120)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -84,7 +94,8 @@ def _num_views(augment: str) -> int:
 
 
 class _ImageViews(Dataset):
-    """(views (A, 3, S, S) uint8 or None if unreadable, label, path, error message or None)."""
+    """(views (A, 3, S, S) uint8 or None if unreadable, label, path, error message or None, caption
+    or None)."""
 
     def __init__(self, files: list[tuple[Path, int]], config: ExtractConfig):
         self.files = files
@@ -95,14 +106,17 @@ class _ImageViews(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.files[index]
+        caption = None
         try:
+            if self.config.captions:
+                caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
             with Image.open(path) as image:
                 image = image.convert("RGB")  # forces the full decode, so damage shows up here
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            return None, label, str(path), f"{type(err).__name__}: {err}"
+            return None, label, str(path), f"{type(err).__name__}: {err}", None
         # uint8 until it reaches the device: a quarter of the bytes through worker queues and PCIe.
         pixels = np.stack([np.asarray(v, dtype=np.uint8) for v in _views(image, self.config)])
-        return rearrange(torch.from_numpy(pixels), "a h w c -> a c h w"), label, str(path), None
+        return rearrange(torch.from_numpy(pixels), "a h w c -> a c h w"), label, str(path), None, caption
 
 
 def _collate(items: list) -> list:
@@ -135,6 +149,8 @@ def _validate(config: ExtractConfig) -> None:
     require(config.num_workers is None or config.num_workers >= 0,
             f"num_workers must be >= 0 or null (one per core but one), got {config.num_workers}")
     require(config.augment != "ten_crop" or config.crop_range >= 1, f"crop_range must be >= 1, got {config.crop_range}")
+    for name in ("caption_dim", "caption_tokens"):
+        require(not config.captions or getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
     require(Path(config.data_path).is_dir(),
             f"data_path {config.data_path} not found (expected <data_path>/<class>/<image>)")
 
@@ -234,9 +250,12 @@ def _extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None, processes
     with ExitStack() as books:
         def open_folder() -> ShardWriter:  # on process 0, which keeps the folder's books
             books.enter_context(FolderLock(config.output_dir, "code extraction"))
+            captions = (TextCondition(config.caption_dim, config.caption_tokens, config.text_encoder)
+                        if config.captions else None)
             return ShardWriter(
                 config.output_dir, grid_size=(side, side), codebook_size=encoder.tokenizer.codebook_size,
-                tokenizer=encoder.tokenizer.identity, augmentations=views, num_classes=len(encoder.classes),
+                tokenizer=encoder.tokenizer.identity, augmentations=views,
+                num_classes=None if config.captions else len(encoder.classes), condition=captions,
                 class_names=encoder.classes,
                 # Shards are fixed slices of the sorted file list; these make a resumed run slice the same way.
                 source={"data_path": str(Path(config.data_path).resolve()), "files": len(files),
@@ -247,8 +266,10 @@ def _extract_codes(config: ExtractConfig, tokenizer: Tokenizer | None, processes
         writer = processes.on_first(open_folder)  # the others save shards with a copy of it
         missing = [index for index in range(num_shards) if not writer.has_shard(index)]
         new = sum(len(_shard_files(files, index, config.shard_size)) for index in missing)
-        # uint16 tokens of every view and an int64 label per image
-        processes.on_first(lambda: check_free_space({config.output_dir: new * (views * side * side * 2 + 8)},
+        # uint16 tokens of every view and an int64 label (or float16 caption rows and a length) per image
+        per_image = views * side * side * 2 + 8 + (config.caption_tokens * config.caption_dim * 2
+                                                   if config.captions else 0)
+        processes.on_first(lambda: check_free_space({config.output_dir: new * per_image},
                                                     f"the codes of {new} images"))
         progress = tqdm(total=len(files), initial=len(files) - new, unit="img", disable=not first,
                         desc=f"extract ({processes.world} processes)" if processes.world > 1 else "extract")
@@ -284,10 +305,10 @@ def _encode_shards(shards: list[int], config: ExtractConfig, encoder: _Encoder, 
         loader = DataLoader(_ImageViews(_shard_files(encoder.files, index, config.shard_size), config),
                             batch_size=images_per_batch, num_workers=encoder.workers, collate_fn=_collate,
                             pin_memory=encoder.device.type == "cuda")
-        tokens, labels, skipped = [], [], []
+        tokens, labels, captions, skipped = [], [], [], []
         for batch in loader:
             good = [item for item in batch if item[0] is not None]
-            for _, _, path, error in batch:
+            for _, _, path, error, _ in batch:
                 if error is not None:
                     log.warning("skipping unreadable image %s (%s)", path, error)
                     skipped.append(path)
@@ -296,6 +317,11 @@ def _encode_shards(shards: list[int], config: ExtractConfig, encoder: _Encoder, 
                 codes = encoder.tokenizer.encode(rearrange(views, "b a c h w -> (b a) c h w").float() / 127.5 - 1)
                 tokens.append(rearrange(codes, "(b a) h w -> b a (h w)", b=len(good)).cpu().numpy())
                 labels.extend(item[1] for item in good)
+                captions.extend(item[4] for item in good)
             yield len(batch), None
         stacked = np.concatenate(tokens) if tokens else np.zeros((0, _num_views(config.augment), side * side))
-        yield 0, writer.save_shard(index, stacked, np.array(labels, dtype=np.int64), skipped)
+        conditions = np.array(labels, dtype=np.int64)
+        if config.captions:  # their embeddings, made where the images were encoded
+            conditions = (writer.condition.check(captions, device=encoder.device) if captions
+                          else writer.condition.no_captions())
+        yield 0, writer.save_shard(index, stacked, conditions, skipped)
