@@ -297,6 +297,11 @@ class TextCondition(Condition):
         return {"condition": {"kind": self.kind, "caption_dim": self.caption_dim, "max_tokens": self.rows,
                               "text_encoder": self.text_encoder}}
 
+    def no_captions(self) -> Captions:
+        """An empty batch (0 captions): the conditions of a shard whose every image was skipped."""
+        return Captions(torch.zeros(0, self.rows, self.caption_dim), torch.zeros(0, self.rows, dtype=torch.bool),
+                        torch.zeros(0, dtype=torch.bool))
+
     def shard_arrays(self, captions: Captions) -> dict[str, np.ndarray]:
         """Float16 embeddings (n, L, C) and the valid-row counts (n,) (the captions are left-padded)."""
         return {"captions": captions.embeddings.detach().cpu().to(torch.float16).numpy(),

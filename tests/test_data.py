@@ -272,7 +272,7 @@ def test_extraction_fits_the_machine(monkeypatch):
     first width per view); loader workers bounded by the cores."""
     vq16 = VQTokenizer(VQConfig())
     gib = 2 ** 30
-    monkeypatch.setattr(data.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 8 * gib})())
+    monkeypatch.setattr(data.extraction.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 8 * gib})())
     # One 256x256 view: 8 maps of 256 x 256 x 128 float32 = 256 MiB; half of 8 GiB free holds 16 of them.
     assert default_batch_size(vq16, 256, torch.device("cpu")) == 16
     assert default_batch_size(vq16, 128, torch.device("cpu")) == 64
@@ -440,3 +440,29 @@ def test_a_failed_two_process_run_is_finished_by_one_process(multi_process_setup
     assert sorted(saved) == sorted(set(range(6)) - listed)  # finished shards were not written again
     assert {index: (out / f"shard_{index:05d}_tokens.npy").stat().st_ino for index in listed} == kept
     assert _folder_bytes(out) == multi_process_setup["reference"]
+
+
+def test_extract_codes_stores_captions_beside_the_codes(image_tree, tmp_path):
+    """Text-to-image data: each image's caption in a .txt beside it; the shards hold the captions'
+    text-encoder embeddings (a fixed word table here) in the images' order."""
+    from arpg.condition import Captions, TextCondition
+    from arpg.text import load_text_encoder
+
+    words = "words:a,thin,bold,picture,of"
+    texts = {}
+    for i, path in enumerate(sorted(p for p in image_tree.rglob("*.png") if p.name != "zz_corrupt.png")):
+        if path.name != "05.png" or path.parent.name != "c":  # one image without a caption: skipped
+            texts[path] = f"a {'thin' if i % 2 else 'bold'} picture" + " of a" * (i % 3)
+            path.with_suffix(".txt").write_text(texts[path] + "\n")
+    manifest = extract_codes(_config(image_tree, tmp_path / "out", captions=True, text_encoder=words, caption_dim=8,
+                                     caption_tokens=7))
+    skipped = sorted(Path(p).name for s in manifest["shards"] for p in s["skipped"])
+    assert manifest["count"] == 35 and skipped == ["05.png", "zz_corrupt.png"]
+    data = TokenDataset(tmp_path / "out")
+    assert isinstance(data.condition, TextCondition) and data.num_classes is None
+    assert (data.condition.caption_dim, data.condition.rows, data.condition.text_encoder) == (8, 7, words)
+    embeddings, mask = load_text_encoder(words, 7, 8)(list(texts.values()))  # in the images' sorted order
+    items = [data[i][1] for i in range(len(data))]
+    assert all(isinstance(item, Captions) for item in items)
+    assert torch.equal(torch.stack([item.mask for item in items]), mask)
+    torch.testing.assert_close(torch.stack([item.embeddings for item in items]), embeddings, atol=1e-3, rtol=0)

@@ -164,7 +164,7 @@ def test_frechet_distance_retry_formula_on_a_forced_retry(monkeypatch):
     # tr s1 + tr s2 - 2 tr ((s1 + eps I)(s2 + eps I))^(1/2): force it by failing the first sqrtm.
     # s1 + I/2 = [[2.5, 1], [1, 2.5]], s2 + I/2 = diag(1.5, 4.5); their product has trace
     # 2.5 * 1.5 + 2.5 * 4.5 = 15 and determinant 5.25 * 6.75 = 35.4375 (2x2 rule as above).
-    import arpg.eval
+    import arpg.eval.metrics
 
     calls = []
 
@@ -172,7 +172,7 @@ def test_frechet_distance_retry_formula_on_a_forced_retry(monkeypatch):
         calls.append(matrix)
         return np.full_like(matrix, np.nan) if len(calls) == 1 else sqrtm(matrix)
 
-    monkeypatch.setattr(arpg.eval, "sqrtm", first_fails)
+    monkeypatch.setattr(arpg.eval.metrics, "sqrtm", first_fails)
     s1, s2 = np.array([[2.0, 1.0], [1.0, 2.0]]), np.diag([1.0, 4.0])
     with pytest.warns(RuntimeWarning, match="eps=0.5"):
         distance = frechet_distance(np.zeros(2), s1, np.array([1.0, 2.0]), s2, eps=0.5)
@@ -417,7 +417,7 @@ def test_evaluate_rejects_bad_settings_before_extracting_features(tmp_path, monk
     np.savez(samples, arr_0=_random_images(8, seed=10))
     np.savez(ref, arr_0=_random_images(9, seed=11))
     calls = []
-    monkeypatch.setattr("arpg.eval.extract_features", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr("arpg.eval.evaluation.extract_features", lambda *args, **kwargs: calls.append(args))
     config = EvalConfig(sample_npz=str(samples), ref_npz=str(ref),
                         **{"extractor": "test_eval:_pixel_extractor", "splits": 2, **settings})
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -235,18 +235,19 @@ def _serve(monkeypatch, source: Path) -> list[str]:
 
 
 def test_inception_weights_are_fetched_once_and_checked(tmp_path, monkeypatch):
-    import arpg.eval
+    import arpg.eval.inception
 
     monkeypatch.setenv("HOME", str(tmp_path))
     fake = tmp_path / "served.pth"
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, fake)
     fetched = _serve(monkeypatch, fake)
-    monkeypatch.setattr(arpg.eval, "INCEPTION_WEIGHTS_SHA256_PREFIX", "00000000")
+    monkeypatch.setattr(arpg.eval.inception, "INCEPTION_WEIGHTS_SHA256_PREFIX", "00000000")
     with pytest.raises(ValueError, match="does not start with 00000000"):
         arpg.eval.resolve_inception_weights()
     cached = tmp_path / ".cache" / "arpg" / arpg.eval.INCEPTION_WEIGHTS_FILENAME
     assert not cached.exists() and not list(cached.parent.iterdir())  # nothing kept
-    monkeypatch.setattr(arpg.eval, "INCEPTION_WEIGHTS_SHA256_PREFIX", hashlib.sha256(fake.read_bytes()).hexdigest()[:8])
+    monkeypatch.setattr(arpg.eval.inception, "INCEPTION_WEIGHTS_SHA256_PREFIX",
+                        hashlib.sha256(fake.read_bytes()).hexdigest()[:8])
     assert arpg.eval.resolve_inception_weights() == cached and cached.read_bytes() == fake.read_bytes()
     assert arpg.eval.resolve_inception_weights() == cached  # from the cache
     assert fetched == [arpg.eval.INCEPTION_WEIGHTS_URL] * 2
