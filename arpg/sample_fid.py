@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
@@ -147,16 +148,18 @@ def _sample_fid(config: SampleFIDConfig, rank: int, world: int, device: torch.de
         options = resolve_options(model.sampling, config.sampling, {})
         check_sampling(model, options)
         model.condition.fid_conditions([0])  # the model's conditions can be assigned to images (class labels)
+        # Rank 0 lists the folder after its cleanup and before anyone writes, and hands the list
+        # to the others: nodes can see different listings of a shared (NFS) folder.
+        missing = None
         if rank == 0:
             remove_partial_writes(output_dir, "*.png")
             remove_partial_writes(npz.parent, npz.name)
+            missing = _missing_indices(output_dir, config.num_images)
             side = config.image_size_eval or model.grid[0] * tokenizer.downsample
-            _check_space(output_dir, npz, config.num_images, side)
+            _check_space(output_dir, npz, config.num_images, missing, side)
             text = json.dumps(settings, indent=1)
             atomic_write(output_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(text))
-        # Rank 0 lists the folder after its cleanup and before anyone writes, and hands the list
-        # to the others: nodes can see different listings of a shared (NFS) folder.
-        missing = _from_rank0(_missing_indices(output_dir, config.num_images) if rank == 0 else None, device)
+        missing = _from_rank0(missing, device)
 
         batches = [missing[i:i + config.batch_size] for i in range(0, len(missing), config.batch_size)]
         started = time.perf_counter()
@@ -203,17 +206,17 @@ def _generate_batches(model, tokenizer, batches: list[list[int]], config: Sample
     progress.close()
 
 
-def _check_space(output_dir: Path, npz: Path, num_images: int, side: int) -> None:
-    """Refuse to start when the missing PNGs and the `.npz` cannot fit. The `.npz` holds the raw
-    pixels; a PNG is taken as large as those already there, or half its raw pixels when there are
-    none yet (natural images compress to about that)."""
-    missing = len(_missing_indices(output_dir, num_images))
+def _check_space(output_dir: Path, npz: Path, num_images: int, missing: list[int], side: int) -> None:
+    """Refuse to start when the `missing` PNGs and the `.npz` cannot fit. The `.npz` holds the raw
+    pixels; a PNG is taken as large as (up to 100 of) those already there, or half its raw pixels
+    when there are none yet (natural images compress to about that)."""
     raw = side * side * 3
-    written = sorted(output_dir.glob("*.png"))[:100]
+    absent = set(missing)
+    written = list(islice((image_path(output_dir, i) for i in range(num_images) if i not in absent), 100))
     png = sum(p.stat().st_size for p in written) // len(written) if written else raw // 2
     npz_bytes = 0 if not missing and _npz_is_complete(npz, num_images) else num_images * (raw + 8)
-    check_free_space({output_dir: missing * png, npz.parent: npz_bytes},
-                     f"{missing} FID sample PNGs of {side}x{side} and their .npz")
+    check_free_space({output_dir: len(missing) * png, npz.parent: npz_bytes},
+                     f"{len(missing)} FID sample PNGs of {side}x{side} and their .npz")
 
 
 def _write_png(path: Path, picture: Image.Image) -> None:
